@@ -1,0 +1,38 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh machine
+# with only Python 3.11+ and the package registries.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; a GPU machine can override: make TORCH_SPEC=torch install
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-unit test-integration lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/zimage-stream demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .cache zimage-data .pytest_cache .mypy_cache .ruff_cache

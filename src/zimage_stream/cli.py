@@ -1,0 +1,176 @@
+"""The ``zimage-stream`` command line. Settings are read here, once, and passed down."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .logs import configure_logging
+from .schemas import SCHEMA_VERSION, json_schemas
+from .settings import Settings
+from .styles import STYLE_NAMES
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = {"worker": _worker, "submit": _submit, "schema": _schema, "demo": _demo}
+    try:
+        return int(handler[args.command](args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zimage-stream", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"zimage-stream {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("worker", help="run the consumer (settings from ZIMAGE_* variables)")
+    submit = sub.add_parser("submit", help="publish one generate request")
+    _request_arguments(submit)
+    submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    sub.add_parser("schema", help="print the JSON Schemas of the events")
+    demo = sub.add_parser("demo", help="run the whole flow on this machine, no services needed")
+    demo.add_argument(
+        "--model",
+        default="tiny",
+        help="model id or folder (default: the miniature random-weight model)",
+    )
+    demo.add_argument("--prompt", default="a ceramic coffee mug with a wooden lid")
+    demo.add_argument("--style", default="minimal_white", choices=STYLE_NAMES)
+    demo.add_argument("--size", type=int, default=512, help="width and height in pixels")
+    demo.add_argument("--output", default=None, help="image folder (default ZIMAGE_STORAGE_URL)")
+    return parser
+
+
+def _request_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt")
+    parser.add_argument("--style", choices=STYLE_NAMES, default=None)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--num-images", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--guidance", type=float, default=0.0)
+    parser.add_argument("--request-id", default=None)
+
+
+def generate_request(
+    prompt: str,
+    request_id: str,
+    style: str | None = None,
+    width: int = 1024,
+    height: int = 1024,
+    num_images: int = 4,
+    seed: int | None = None,
+    steps: int = 8,
+    guidance: float = 0.0,
+) -> dict[str, Any]:
+    """A ``generate`` request event as a JSON-ready dict."""
+    from datetime import UTC, datetime
+
+    params: dict[str, Any] = {
+        "prompt": prompt,
+        "style": style,
+        "width": width,
+        "height": height,
+        "num_images": num_images,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+    }
+    if seed is not None:
+        params["seed"] = seed
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "request_id": request_id,
+        "task": "generate",
+        "params": params,
+        "submitted_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def _schema(_args: argparse.Namespace) -> int:
+    json.dump(json_schemas(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _worker(_args: argparse.Namespace) -> int:
+    settings = Settings()
+    configure_logging()
+    from .worker import Worker
+
+    async def serve() -> None:
+        worker = Worker(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    settings = Settings()
+    configure_logging()
+    from .client import ResultWaiter, new_request_id, publish_request
+    from .topics import ensure_topics
+
+    request = generate_request(
+        args.prompt,
+        args.request_id or new_request_id(),
+        args.style,
+        args.width,
+        args.height,
+        args.num_images,
+        args.seed,
+        args.steps,
+        args.guidance,
+    )
+
+    async def submit() -> int:
+        kafka = settings.kafka
+        if not args.wait:
+            await publish_request(kafka, request)
+            print(json.dumps({"request_id": request["request_id"], "published": True}))
+            return 0
+        await ensure_topics(kafka, kafka.topic_partitions)
+        waiter = ResultWaiter(kafka)
+        await waiter.start()
+        try:
+            await publish_request(kafka, request)
+            result = await waiter.wait_for(
+                request["request_id"], args.timeout, show_progress=sys.stderr.isatty()
+            )
+        finally:
+            await waiter.stop()
+        print(result.model_dump_json(indent=2))
+        return 0 if result.status == "succeeded" else 1
+
+    return asyncio.run(submit())
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    overrides: dict[str, Any] = {"model": args.model, "redis_url": ""}
+    if args.output:
+        overrides["storage_url"] = str(Path(args.output).resolve())
+    settings = Settings(**overrides)
+    configure_logging(json_logs=False, level="WARNING")
+    return asyncio.run(run_demo(settings, args.prompt, args.style, args.size))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

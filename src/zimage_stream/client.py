@@ -1,0 +1,101 @@
+"""Publishing requests and waiting for their results (``zimage-stream submit``, the demo)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from tqdm import tqdm
+
+from .schemas import ResultEvent
+from .settings import KafkaSettings
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:16]}"
+
+
+class ResultWaiter:
+    """Reads the results topic from its current end, without a consumer group."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._settings = settings
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        """Position at the end of every results partition (call before publishing)."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._settings.bootstrap_servers,
+            enable_auto_commit=False,
+            group_id=None,
+        )
+        await consumer.start()
+        partitions = await _partitions(consumer, self._settings.results_topic)
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await consumer.position(tp)  # resolve now, so nothing published later is missed
+        self._consumer = consumer
+
+    async def stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def wait_for(
+        self, request_id: str, timeout_s: float, show_progress: bool = False
+    ) -> ResultEvent:
+        """The first result for ``request_id``; raises ``TimeoutError`` after ``timeout_s``."""
+        assert self._consumer is not None, "call start() first"
+        deadline = time.monotonic() + timeout_s
+        bar = tqdm(
+            total=None,
+            desc=f"waiting for {request_id}",
+            unit="s",
+            bar_format="{desc}: {elapsed}",
+            disable=not show_progress,
+            leave=False,
+        )
+        try:
+            while time.monotonic() < deadline:
+                batches = await self._consumer.getmany(timeout_ms=200)
+                bar.update(0)
+                for records in batches.values():
+                    for record in records:
+                        if record.key == request_id.encode() and record.value is not None:
+                            return ResultEvent.model_validate_json(record.value)
+        finally:
+            bar.close()
+        raise TimeoutError(f"no result for {request_id} within {timeout_s:.0f} s")
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    for _ in range(50):
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return [TopicPartition(topic, p) for p in sorted(found)]
+        await consumer.topics()  # refreshes the metadata
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"topic {topic!r} does not exist on the broker")
+
+
+async def publish_request(
+    settings: KafkaSettings, request: dict[str, Any], headers: list[tuple[str, bytes]] | None = None
+) -> None:
+    """Publish one request event keyed by its request id."""
+    import json
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            settings.requests_topic,
+            json.dumps(request).encode(),
+            key=str(request["request_id"]).encode(),
+            headers=headers or [],
+        )
+    finally:
+        await producer.stop()

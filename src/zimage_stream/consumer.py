@@ -1,0 +1,182 @@
+"""Reading requests: an aiokafka consumer group member that commits only answered offsets."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import ConsumerRecord
+
+from .offsets import OffsetTracker
+from .settings import KafkaSettings
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(eq=False)
+class Delivery:
+    """One record read from the requests topic, and the tracker that owns its offset."""
+
+    record: ConsumerRecord[bytes, bytes]
+    tracker: OffsetTracker
+    received_monotonic: float = field(default_factory=time.monotonic)
+
+    @property
+    def partition(self) -> TopicPartition:
+        return TopicPartition(self.record.topic, self.record.partition)
+
+    @property
+    def source(self) -> tuple[str, int, int]:
+        return self.record.topic, self.record.partition, self.record.offset
+
+    @property
+    def headers(self) -> list[tuple[str, bytes]]:
+        return list(self.record.headers or [])
+
+
+class RequestConsumer:
+    """Consumer-group member on the requests topic with manual, contiguous commits.
+
+    ``fetch`` returns records as :class:`Delivery` objects; the worker calls ``done`` when a
+    record's answer is acknowledged and ``commit`` to commit every partition up to its
+    lowest unanswered offset. On a rebalance, revoked partitions commit what they can and
+    their trackers are dropped: answers still in flight for them are published but not
+    committed, so the new owner reprocesses those records (at-least-once, idempotent).
+    """
+
+    def __init__(self, settings: KafkaSettings, **client_options: Any) -> None:
+        self._settings = settings
+        self._client_options = client_options
+        self._consumer: AIOKafkaConsumer | None = None
+        self._trackers: dict[TopicPartition, OffsetTracker] = {}
+        self._paused = False
+
+    async def start(self) -> None:
+        if self._consumer is not None:
+            return
+        s = self._settings
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=s.client_id,
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=s.max_message_bytes + 64 * 1024,
+            fetch_max_bytes=max(52_428_800, s.max_message_bytes * 2),
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=min(3000, s.session_timeout_ms // 3),
+            max_poll_interval_ms=s.max_poll_interval_ms,
+            **self._client_options,
+        )
+        consumer.subscribe([s.requests_topic], listener=_Listener(self))
+        await consumer.start()
+        self._consumer = consumer
+
+    async def stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        await self._commit(consumer, list(self._trackers))
+        await consumer.stop()  # leaves the group
+        self._trackers.clear()
+
+    async def __aenter__(self) -> RequestConsumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def in_flight(self) -> int:
+        """Records read and not yet answered, over all assigned partitions."""
+        return sum(len(t) for t in self._trackers.values())
+
+    async def fetch(self, timeout_ms: int, max_records: int) -> list[Delivery]:
+        consumer = self._require()
+        batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        deliveries = []
+        for tp, records in batches.items():
+            tracker = self._trackers.get(tp)
+            if tracker is None:  # revoked between the fetch and now
+                continue
+            for record in records:
+                tracker.track(record.offset)
+                deliveries.append(Delivery(record, tracker))
+        return deliveries
+
+    def done(self, delivery: Delivery) -> None:
+        delivery.tracker.done(delivery.record.offset)
+
+    async def commit(self) -> None:
+        await self._commit(self._require(), list(self._trackers))
+
+    def pause(self) -> None:
+        """Stop fetching (the member keeps polling, so it stays in its group)."""
+        consumer = self._require()
+        if not self._paused:
+            consumer.pause(*consumer.assignment())
+            self._paused = True
+            log.info("consumer_paused", in_flight=self.in_flight)
+
+    def resume(self) -> None:
+        consumer = self._require()
+        if self._paused:
+            consumer.resume(*consumer.assignment())
+            self._paused = False
+            log.info("consumer_resumed", in_flight=self.in_flight)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+        offsets = {}
+        for tp in partitions:
+            tracker = self._trackers.get(tp)
+            position = tracker.committable() if tracker is not None else None
+            if position is not None:
+                offsets[tp] = position
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # The records stay uncommitted and are read again by whoever owns them next.
+            log.warning("commit_failed", error=repr(exc), partitions=len(offsets))
+            return
+        log.debug("offsets_committed", offsets={tp.partition: o for tp, o in offsets.items()})
+        for tp, position in offsets.items():
+            tracker = self._trackers.get(tp)
+            if tracker is not None:
+                tracker.mark_committed(position)
+
+    def _assigned(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            self._trackers.setdefault(tp, OffsetTracker())
+        if self._paused and self._consumer is not None:
+            self._consumer.pause(*partitions)
+        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in partitions))
+
+    async def _revoked(self, partitions: set[TopicPartition]) -> None:
+        if self._consumer is not None:
+            await self._commit(self._consumer, list(partitions))
+        for tp in partitions:
+            self._trackers.pop(tp, None)
+        log.info("partitions_revoked", partitions=sorted(tp.partition for tp in partitions))
+
+    def _require(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("RequestConsumer is not started")
+        return self._consumer
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, owner: RequestConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._owner._revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._owner._assigned(set(assigned))

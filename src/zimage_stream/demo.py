@@ -1,0 +1,72 @@
+"""``zimage-stream demo``: the whole flow on one machine with no services installed.
+
+It starts the embedded broker on a free loopback port, runs a worker (miniature model,
+local folder storage, in-process cache) in this process, submits one styled generate
+request, prints the result and the paths of its images, then stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from .broker import EmbeddedBroker
+from .client import ResultWaiter, new_request_id, publish_request
+from .settings import Settings
+
+
+async def run_demo(settings: Settings, prompt: str, style: str, size: int) -> int:
+    """Run the demo; returns the process exit code (0 when the request succeeded)."""
+    from .cli import generate_request
+    from .worker import Worker
+
+    with EmbeddedBroker() as broker:
+        settings = settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers})
+        _say(f"broker: Tansu on {broker.bootstrap_servers}")
+        _say(f"model: {settings.model} ({settings.dtype}); loading and warming up ...")
+        worker = Worker(settings)
+        serving = asyncio.create_task(worker.run())
+        try:
+            await _wait_ready(worker, serving)
+            report = worker.engine.report
+            _say(f"ready: device={report.device} load={report.load_s}s warm-up={report.warmup_s}s")
+            request = generate_request(prompt, new_request_id(), style, size, size)
+            waiter = ResultWaiter(settings.kafka)
+            await waiter.start()
+            try:
+                await publish_request(settings.kafka, request)
+                _say(f"submitted {request['request_id']}: {prompt!r} style={style} {size}x{size}")
+                result = await waiter.wait_for(
+                    request["request_id"], timeout_s=900, show_progress=sys.stderr.isatty()
+                )
+            finally:
+                await waiter.stop()
+        finally:
+            worker.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+    print(result.model_dump_json(indent=2))
+    for image in result.images:
+        print(_local_path(image.uri))
+    return 0 if result.status == "succeeded" else 1
+
+
+async def _wait_ready(worker: object, serving: asyncio.Task[None]) -> None:
+    ready = asyncio.create_task(worker.ready.wait())  # type: ignore[attr-defined]
+    done, _ = await asyncio.wait([ready, serving], return_when=asyncio.FIRST_COMPLETED)
+    if serving in done:
+        ready.cancel()
+        serving.result()  # raises the start-up error
+        raise RuntimeError("the worker stopped before it was ready")
+
+
+def _local_path(uri: str) -> str:
+    parsed = urlparse(uri)
+    return str(Path(unquote(parsed.path))) if parsed.scheme == "file" else uri
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,283 @@
+"""The Z-Image-Turbo engine: load once, warm up, then generate batches of requests.
+
+All methods block; the worker calls them from its single engine thread so the event loop
+keeps heartbeating, fetching and publishing while the device works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from PIL import Image
+
+from ..errors import ModelUnavailableError
+from ..schemas import MAX_SEED, ModelInfo
+from ..settings import EngineSettings
+from .device import (
+    free_device_memory,
+    memory_summary,
+    needs_padding_mask,
+    resolve_device,
+    resolve_dtype,
+    select_attention_backend,
+)
+from .tiny import ensure_tiny_pipeline, is_tiny_model
+
+log = structlog.get_logger(__name__)
+
+StepCallback = Callable[[int, int], None]
+"""Called after each denoising step with (step, total); raising aborts the call."""
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """One request's share of a pipeline call."""
+
+    prompt: str
+    num_images: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What every job of one pipeline call shares."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How the model was loaded: what ``/readyz`` and the start-up log show."""
+
+    model_id: str
+    revision: str | None
+    device: str
+    dtype: str
+    attention_backend: str
+    load_s: float
+    warmup_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ImageEngine:
+    """Owns the diffusers pipeline and runs generation on it."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self._settings = settings
+        self._pipe: Any = None
+        self._report: LoadReport | None = None
+        self._device = "cpu"
+
+    @property
+    def report(self) -> LoadReport:
+        if self._report is None:
+            raise RuntimeError("the engine is not loaded; call load() first")
+        return self._report
+
+    @property
+    def model_info(self) -> ModelInfo:
+        report = self.report
+        return ModelInfo(
+            id=report.model_id, revision=report.revision, device=report.device, dtype=report.dtype
+        )
+
+    def load(self) -> LoadReport:
+        """Load the pipeline onto the chosen device with ``ZImagePipeline.from_pretrained``."""
+        from diffusers import ZImagePipeline
+
+        settings = self._settings
+        started = time.perf_counter()
+        source = _model_source(settings)
+        self._device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+                pipe = ZImagePipeline.from_pretrained(
+                    source, torch_dtype=dtype, revision=settings.model_revision
+                )
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailableError(f"cannot load model {settings.model!r}: {exc}") from exc
+        pipe.to(self._device)
+        # Channels-last convolutions: on the CPU a single-image bf16 decode in NCHW is about
+        # ten times slower (oneDNN), and on CUDA it is the layout the conv kernels prefer.
+        pipe.vae.to(memory_format=torch.channels_last)
+        pipe.set_progress_bar_config(disable=True)
+        backend = select_attention_backend(settings.attention_backend, self._device)
+        if backend != "native":
+            pipe.transformer.set_attention_backend(backend)
+        self._pipe = pipe
+        self._report = LoadReport(
+            model_id=settings.model,
+            revision=_model_revision(settings, pipe),
+            device=self._device,
+            dtype=settings.dtype,
+            attention_backend=backend,
+            load_s=round(time.perf_counter() - started, 3),
+        )
+        log.info("model_loaded", **self._report.as_dict())
+        return self._report
+
+    def warm_up(self) -> LoadReport:
+        """One small generation, so the first request pays no first-call costs."""
+        started = time.perf_counter()
+        shape = BatchShape(width=256, height=256, num_inference_steps=2, guidance_scale=0.0)
+        self.generate(
+            [GenerateJob(prompt="warm-up: a white ceramic mug", num_images=1, seed=0)], shape
+        )
+        warmup_s = round(time.perf_counter() - started, 3)
+        self._report = LoadReport(**{**self.report.as_dict(), "warmup_s": warmup_s})
+        log.info("model_warmed_up", warmup_s=warmup_s, **memory_summary(self._device))
+        return self._report
+
+    def generate(
+        self, jobs: list[GenerateJob], shape: BatchShape, on_step: StepCallback | None = None
+    ) -> list[list[Image.Image]]:
+        """Run one pipeline call for all ``jobs``; return each job's images in order."""
+        pipe = self._pipe
+        if pipe is None:
+            raise RuntimeError("the engine is not loaded; call load() first")
+        # 1. Encode each distinct prompt once, however many requests and images share it.
+        prompt_embeds, negative_embeds = self._encode_prompts(jobs, shape)
+        # 2. One generator per image: image i of a job uses seed + i.
+        generators = [
+            torch.Generator(device="cpu").manual_seed((job.seed + i) % (MAX_SEED + 1))
+            for job in jobs
+            for i in range(job.num_images)
+        ]
+        # 3. Denoise all images in one call.
+        with self._attention_for([int(e.shape[0]) for e in prompt_embeds]):
+            latents = pipe(
+                prompt=None,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                height=shape.height,
+                width=shape.width,
+                num_inference_steps=shape.num_inference_steps,
+                guidance_scale=shape.guidance_scale,
+                generator=generators,
+                output_type="latent",
+                callback_on_step_end=_step_callback(on_step, shape.num_inference_steps),
+            ).images
+        # 4. Decode image by image and hand each job its own images.
+        images = [self._decode(latent) for latent in latents]
+        result, start = [], 0
+        for job in jobs:
+            result.append(images[start : start + job.num_images])
+            start += job.num_images
+        return result
+
+    @torch.no_grad()
+    def _decode(self, latent: torch.Tensor) -> Image.Image:
+        # One image at a time: a batched VAE decode rounds differently with the batch's size
+        # (seen in bf16), so per-image decoding keeps an image's bytes independent of which
+        # requests it was batched with, and bounds the decoder's peak memory.
+        vae = self._pipe.vae
+        latent = latent.unsqueeze(0).to(vae.dtype)
+        latent = latent / vae.config.scaling_factor + vae.config.shift_factor
+        latent = latent.contiguous(memory_format=torch.channels_last)
+        decoded = vae.decode(latent, return_dict=False)[0]
+        image: Image.Image = self._pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+        return image
+
+    def free_memory(self) -> None:
+        free_device_memory(self._device)
+
+    def _encode_prompts(
+        self, jobs: list[GenerateJob], shape: BatchShape
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        distinct = list(dict.fromkeys(job.prompt for job in jobs))
+        cfg = shape.guidance_scale > 0
+        # encode_prompt rewrites its list in place (chat template), so it gets a copy.
+        embeds, negatives = self._pipe.encode_prompt(
+            prompt=list(distinct),
+            device=self._pipe._execution_device,
+            do_classifier_free_guidance=cfg,
+        )
+        by_prompt = dict(zip(distinct, embeds, strict=True))
+        per_image = [by_prompt[job.prompt] for job in jobs for _ in range(job.num_images)]
+        if not cfg:
+            return per_image, []
+        negative = negatives[0]
+        return per_image, [negative] * len(per_image)
+
+    def _attention_for(self, caption_lengths: list[int]) -> _AttentionScope:
+        backend = self.report.attention_backend
+        # flash-attn takes no padding mask: such batches go through SDPA instead.
+        if backend.startswith("flash") and needs_padding_mask(caption_lengths):
+            return _AttentionScope(self._pipe.transformer, "native", backend)
+        return _AttentionScope(self._pipe.transformer, None, backend)
+
+
+class _AttentionScope:
+    """Switch the transformer's attention backend for one call, then switch it back."""
+
+    def __init__(self, transformer: Any, temporary: str | None, usual: str) -> None:
+        self._transformer, self._temporary, self._usual = transformer, temporary, usual
+
+    def __enter__(self) -> None:
+        if self._temporary is not None:
+            self._transformer.set_attention_backend(self._temporary)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._temporary is not None:
+            self._transformer.set_attention_backend(self._usual)
+
+
+def _step_callback(
+    on_step: StepCallback | None, total: int
+) -> Callable[..., dict[str, Any]] | None:
+    if on_step is None:
+        return None
+
+    def callback(_pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        on_step(step + 1, total)
+        return kwargs
+
+    return callback
+
+
+def _model_source(settings: EngineSettings) -> str:
+    if is_tiny_model(settings.model):
+        return str(ensure_tiny_pipeline(settings.tiny_model_dir))
+    return settings.model
+
+
+_SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})")
+
+
+def _model_revision(settings: EngineSettings, pipe: Any) -> str | None:
+    """The revision that was loaded: the hub commit, or a digest of a local folder."""
+    if settings.model_revision:
+        return settings.model_revision
+    path = str(pipe.config.get("_name_or_path", ""))
+    if match := _SNAPSHOT.search(path):
+        return match.group(1)
+    folder = Path(path)
+    if folder.is_dir():
+        return "local-" + _folder_digest(folder)
+    return None
+
+
+def _folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(folder)).encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(1 << 16))
+        digest.update(str(file.stat().st_size).encode())
+    return digest.hexdigest()[:12]

@@ -1,0 +1,91 @@
+"""Publishing result events and dead-lettering messages that are not requests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer
+
+from .schemas import ResultEvent
+from .settings import KafkaSettings
+
+log = structlog.get_logger(__name__)
+
+
+class ResultProducer:
+    """Writes to the results and DLQ topics; every send waits for the broker's ack."""
+
+    def __init__(self, settings: KafkaSettings, **client_options: Any) -> None:
+        self._settings = settings
+        self._client_options = client_options
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        if self._producer is not None:
+            return
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._settings.bootstrap_servers,
+            client_id=self._settings.client_id,
+            acks="all",
+            linger_ms=2,
+            max_request_size=self._settings.max_message_bytes + 64 * 1024,
+            **self._client_options,
+        )
+        await producer.start()
+        self._producer = producer
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def __aenter__(self) -> ResultProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def publish_result(
+        self, result: ResultEvent, key: bytes | None, headers: list[tuple[str, bytes]] | None = None
+    ) -> None:
+        """Publish one result keyed by its request id (or the original key when it has none)."""
+        if result.request_id is not None:
+            key = result.request_id.encode()
+        await self._send(self._settings.results_topic, key, result.to_bytes(), headers or [])
+
+    async def publish_results(self, items: list[tuple[ResultEvent, bytes | None]]) -> None:
+        """Publish several results concurrently; returns when the broker acked all of them."""
+        await asyncio.gather(*(self.publish_result(result, key) for result, key in items))
+
+    async def dead_letter(
+        self,
+        value: bytes | None,
+        key: bytes | None,
+        source: tuple[str, int, int],
+        code: str,
+        message: str,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        """Send the original bytes, unchanged, to the DLQ with the reason in headers."""
+        topic, partition, offset = source
+        reason = [
+            ("error.code", code.encode()),
+            ("error.message", message[:1000].encode()),
+            ("source.topic", topic.encode()),
+            ("source.partition", str(partition).encode()),
+            ("source.offset", str(offset).encode()),
+        ]
+        reserved = {name for name, _ in reason}
+        kept = [(k, v) for k, v in headers or [] if k not in reserved]
+        await self._send(self._settings.dlq_topic, key, value, kept + reason)
+        log.warning("dead_lettered", code=code, source_partition=partition, source_offset=offset)
+
+    async def _send(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> None:
+        if self._producer is None:
+            raise RuntimeError("ResultProducer is not started")
+        await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)

@@ -1,0 +1,268 @@
+"""Request and result events, exactly as ``../shared/CONTRACT.md`` (version 1) defines them.
+
+``parse_request`` is the one entry point for bytes read from Kafka: it returns a validated
+request or raises a :class:`~zimage_stream.errors.ZImageError` whose message says how to fix
+the input, together with whatever ``request_id``/``task`` could still be read so that the
+rejection can be answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from .errors import (
+    InvalidJsonError,
+    InvalidRequestError,
+    UnsupportedSchemaVersionError,
+    ZImageError,
+)
+from .styles import StyleName
+
+SCHEMA_VERSION = 1
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+_REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
+MAX_SEED = 2**32 - 1
+MAX_BASE64_CHARS = (10 * 1024 * 1024 * 4) // 3 + 4
+
+
+def _multiple_of_16(value: int) -> int:
+    if value % 16:
+        lower = value - value % 16
+        raise ValueError(f"must be a multiple of 16 (got {value}; try {max(lower, 256)})")
+    return value
+
+
+Dimension = Annotated[int, Field(ge=256, le=2048), AfterValidator(_multiple_of_16)]
+RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are errors: a typo such as ``num_image`` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class GenerateParams(_Strict):
+    """Text-to-image parameters."""
+
+    prompt: Annotated[str, Field(min_length=1, max_length=4000)]
+    style: StyleName | None = None
+    width: Dimension = 1024
+    height: Dimension = 1024
+    num_images: Annotated[int, Field(ge=1, le=8)] = 4
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    num_inference_steps: Annotated[int, Field(ge=1, le=50)] = 8
+    guidance_scale: Annotated[float, Field(ge=0.0, le=20.0)] = 0.0
+
+    def resolved_seed(self) -> int:
+        """The seed to use: the given one, else one derived from the content.
+
+        Deriving it from the content (not from the request id) makes identical requests
+        reproduce identical images, which is what the cache and replays rely on.
+        """
+        if self.seed is not None:
+            return self.seed
+        content = self.model_dump(exclude={"seed"})
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).digest()
+        return int.from_bytes(digest[:4], "big")
+
+
+class ImageSource(_Strict):
+    """Where an ``erase_text`` source image comes from: exactly one of ``uri`` or ``base64``."""
+
+    uri: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+    base64: Annotated[str, Field(min_length=1, max_length=MAX_BASE64_CHARS)] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageSource:
+        if (self.uri is None) == (self.base64 is None):
+            raise ValueError('give exactly one of "uri" or "base64"')
+        return self
+
+
+class EraseTextParams(_Strict):
+    """Text-erasure parameters."""
+
+    source: ImageSource
+    languages: Annotated[list[Literal["en", "ch"]], Field(min_length=1)] = ["en", "ch"]
+    engine: Literal["auto", "diffusion", "classical"] = "auto"
+
+
+class _RequestBase(_Strict):
+    schema_version: Literal[1]
+    request_id: RequestId
+    timeout_s: Annotated[float, Field(ge=1, le=300)] | None = None
+    submitted_at: datetime | None = None
+
+
+class GenerateRequest(_RequestBase):
+    """A ``generate`` request event."""
+
+    task: Literal["generate"]
+    params: GenerateParams
+
+
+class EraseTextRequest(_RequestBase):
+    """An ``erase_text`` request event."""
+
+    task: Literal["erase_text"]
+    params: EraseTextParams
+
+
+RequestEvent = Annotated[GenerateRequest | EraseTextRequest, Field(discriminator="task")]
+_REQUEST_ADAPTER: TypeAdapter[GenerateRequest | EraseTextRequest] = TypeAdapter(RequestEvent)
+
+
+class ImageRef(BaseModel):
+    """A stored image: where it is and what it is."""
+
+    uri: str
+    width: int
+    height: int
+    content_type: str
+    sha256: str
+    size_bytes: int
+
+
+class TextRegion(BaseModel):
+    """Text found in an ``erase_text`` source before erasing."""
+
+    box: list[tuple[float, float]]
+    text: str
+    confidence: float
+
+
+class ErrorInfo(BaseModel):
+    """Why a request did not succeed."""
+
+    code: str
+    message: str
+    retriable: bool
+
+
+class ModelInfo(BaseModel):
+    """What produced the images."""
+
+    id: str
+    revision: str | None
+    device: str
+    dtype: str
+
+
+class Timings(BaseModel):
+    """Milliseconds spent queued (broker to batch start), in the model, and in total."""
+
+    queued: float
+    inference: float
+    total: float
+
+
+Status = Literal["succeeded", "failed", "rejected", "timed_out"]
+
+
+class ResultEvent(BaseModel):
+    """The answer to one processing attempt of one request."""
+
+    schema_version: Literal[1] = 1
+    request_id: str | None
+    task: str | None
+    status: Status
+    images: list[ImageRef] = Field(default_factory=list)
+    text_regions: list[TextRegion] = Field(default_factory=list)
+    cache_hit: bool = False
+    error: ErrorInfo | None = None
+    model: ModelInfo | None = None
+    timings_ms: Timings
+    completed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @model_validator(mode="after")
+    def _error_iff_not_succeeded(self) -> ResultEvent:
+        if (self.status == "succeeded") == (self.error is not None):
+            raise ValueError("error must be set exactly when status is not 'succeeded'")
+        return self
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class RequestParseError(Exception):
+    """A message that is not a valid request, with what could be read of it."""
+
+    def __init__(self, error: ZImageError, request_id: str | None, task: str | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.request_id = request_id
+        self.task = task
+
+
+def parse_request(raw: bytes | None, max_bytes: int) -> GenerateRequest | EraseTextRequest:
+    """Validate one message value; raise :class:`RequestParseError` when it is not a request."""
+    if raw is None:
+        raise RequestParseError(InvalidJsonError("message has no value (a tombstone?)"), None, None)
+    if len(raw) > max_bytes:
+        too_large = InvalidRequestError(f"message is {len(raw)} bytes; the limit is {max_bytes}")
+        raise RequestParseError(too_large, None, None)
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestParseError(InvalidJsonError(f"not UTF-8 JSON: {exc}"), None, None) from None
+    if not isinstance(document, dict):
+        error = InvalidJsonError(f"expected a JSON object, got {type(document).__name__}")
+        raise RequestParseError(error, None, None)
+    request_id, task = _readable_identity(document)
+    version = document.get("schema_version")
+    if version != SCHEMA_VERSION and isinstance(version, int) and not isinstance(version, bool):
+        error_v = UnsupportedSchemaVersionError(
+            f"schema_version {version} is not supported; this worker reads version {SCHEMA_VERSION}"
+        )
+        raise RequestParseError(error_v, request_id, task)
+    try:
+        return _REQUEST_ADAPTER.validate_json(raw)
+    except ValidationError as exc:
+        raise RequestParseError(InvalidRequestError(describe(exc)), request_id, task) from None
+
+
+def _readable_identity(document: dict[str, Any]) -> tuple[str | None, str | None]:
+    request_id = document.get("request_id")
+    if not isinstance(request_id, str) or not _REQUEST_ID_RE.match(request_id):
+        request_id = None
+    task = document.get("task")
+    if task not in ("generate", "erase_text"):
+        task = None
+    return request_id, task
+
+
+def describe(exc: ValidationError, limit: int = 5) -> str:
+    """Turn a pydantic error into one line that says where the input is wrong and how."""
+    parts = []
+    for err in exc.errors(include_url=False)[:limit]:
+        where = ".".join(str(p) for p in err["loc"] if p not in ("generate", "erase_text"))
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field (check its spelling against the contract)"
+        parts.append(f"{where or 'message'}: {message}")
+    more = exc.error_count() - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+def json_schemas() -> dict[str, Any]:
+    """The JSON Schemas of the request and result events (``zimage-stream schema``)."""
+    return {
+        "request": _REQUEST_ADAPTER.json_schema(),
+        "result": ResultEvent.model_json_schema(),
+    }

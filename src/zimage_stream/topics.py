@@ -1,0 +1,32 @@
+"""Creating the worker's topics when they do not exist yet."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import structlog
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from .settings import KafkaSettings
+
+log = structlog.get_logger(__name__)
+
+
+async def ensure_topics(settings: KafkaSettings, partitions: int, **client_options: Any) -> None:
+    """Create the requests, results and DLQ topics that are missing (existing ones are kept)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_options)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [settings.requests_topic, settings.results_topic, settings.dlq_topic]
+        missing = [NewTopic(t, partitions, 1) for t in wanted if t not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
+                await admin.create_topics(missing)
+            log.info("topics_created", topics=[t.name for t in missing], partitions=partitions)
+    except KafkaError as exc:
+        log.warning("topic_creation_failed", error=repr(exc))
+    finally:
+        await admin.close()

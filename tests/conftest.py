@@ -1,0 +1,39 @@
+"""Shared fixtures: the miniature model (built once per session) and settings helpers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from zimage_stream.engine.tiny import ensure_tiny_pipeline
+from zimage_stream.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The miniature random-weight pipeline, saved as a real diffusers folder."""
+    directory = Path(os.environ.get("ZIMAGE_TEST_TINY_DIR", REPO / ".cache" / "zimage-tiny"))
+    return ensure_tiny_pipeline(directory)
+
+
+@pytest.fixture
+def unique() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def make_settings(**overrides: object) -> Settings:
+    """Settings for tests: the tiny model in float32 (fast on a CPU), short windows."""
+    base: dict[str, object] = {
+        "model": "tiny",
+        "dtype": "float32",
+        "batch_window_ms": 50,
+        "redis_url": "",
+        "shutdown_grace_s": 30.0,
+    }
+    base.update(overrides)
+    return Settings(_env_file=None, **base)  # type: ignore[call-arg]

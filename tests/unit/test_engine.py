@@ -1,0 +1,123 @@
+"""The engine on the miniature model: real diffusers loading and generation on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine
+from zimage_stream.engine.device import needs_padding_mask, select_attention_backend
+from zimage_stream.errors import ModelUnavailableError
+from zimage_stream.settings import EngineSettings
+
+SMALL = BatchShape(width=256, height=256, num_inference_steps=4, guidance_scale=0.0)
+
+
+def _engine(tiny_model_dir: Path, dtype: str) -> ImageEngine:
+    engine = ImageEngine(EngineSettings(model="tiny", dtype=dtype, tiny_model_dir=tiny_model_dir))
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> ImageEngine:
+    return _engine(tiny_model_dir, "float32")
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(tiny_model_dir: Path) -> ImageEngine:
+    return _engine(tiny_model_dir, "bfloat16")
+
+
+def _pixels(image) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.asarray(image)
+
+
+def test_load_report_says_what_was_loaded(engine: ImageEngine) -> None:
+    report = engine.report
+    assert (report.model_id, report.device, report.dtype) == ("tiny", "cpu", "float32")
+    assert report.attention_backend == "native"
+    assert report.revision is not None and report.revision.startswith("local-")
+    assert report.load_s > 0
+    warmed = engine.warm_up()
+    assert warmed.warmup_s is not None and warmed.warmup_s > 0
+    assert engine.model_info.id == "tiny"
+
+
+def test_each_job_gets_its_images_at_the_asked_size(engine: ImageEngine) -> None:
+    out = engine.generate(
+        [GenerateJob("a mug", 2, 1), GenerateJob("a lamp", 3, 2)], BatchShape(320, 256, 2, 0.0)
+    )
+    assert [len(images) for images in out] == [2, 3]
+    assert all(image.size == (320, 256) for images in out for image in images)
+
+
+def test_same_seed_same_pixels_and_other_seed_other_pixels(engine: ImageEngine) -> None:
+    first = engine.generate([GenerateJob("a mug", 1, 42)], SMALL)[0][0]
+    again = engine.generate([GenerateJob("a mug", 1, 42)], SMALL)[0][0]
+    other = engine.generate([GenerateJob("a mug", 1, 43)], SMALL)[0][0]
+    assert np.array_equal(_pixels(first), _pixels(again))
+    assert not np.array_equal(_pixels(first), _pixels(other))
+
+
+def test_every_image_has_its_own_seed(bf16_engine: ImageEngine) -> None:
+    pair = bf16_engine.generate([GenerateJob("a mug", 2, 100)], SMALL)[0]
+    second_alone = bf16_engine.generate([GenerateJob("a mug", 1, 101)], SMALL)[0][0]
+    assert not np.array_equal(_pixels(pair[0]), _pixels(pair[1]))
+    assert np.array_equal(_pixels(pair[1]), _pixels(second_alone))
+
+
+def test_batching_does_not_change_an_image_in_bf16(bf16_engine: ImageEngine) -> None:
+    # Same caption-length bucket: no attention mask, per-image VAE decode.
+    alone = bf16_engine.generate([GenerateJob("a mug", 1, 5)], SMALL)[0][0]
+    batched = bf16_engine.generate(
+        [GenerateJob("a cup", 2, 9), GenerateJob("a mug", 1, 5), GenerateJob("a mug", 1, 6)], SMALL
+    )[1][0]
+    assert np.array_equal(_pixels(alone), _pixels(batched))
+
+
+def test_each_distinct_prompt_is_encoded_once(
+    engine: ImageEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = engine._pipe
+    calls: list[list[str]] = []
+    original = pipe.encode_prompt
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(list(kwargs["prompt"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "encode_prompt", spy)
+    engine.generate(
+        [GenerateJob("a mug", 2, 1), GenerateJob("a lamp", 1, 2), GenerateJob("a mug", 1, 3)],
+        BatchShape(256, 256, 1, 0.0),
+    )
+    assert calls == [["a mug", "a lamp"]]
+
+
+def test_guidance_above_zero_runs_classifier_free_guidance(engine: ImageEngine) -> None:
+    plain = engine.generate([GenerateJob("a mug", 1, 7)], SMALL)[0][0]
+    guided = engine.generate([GenerateJob("a mug", 1, 7)], BatchShape(256, 256, 4, 3.0))[0][0]
+    assert not np.array_equal(_pixels(plain), _pixels(guided))
+
+
+def test_step_callback_sees_every_step(engine: ImageEngine) -> None:
+    steps: list[tuple[int, int]] = []
+    engine.generate([GenerateJob("a mug", 1, 7)], SMALL, on_step=lambda s, t: steps.append((s, t)))
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_a_missing_model_is_model_unavailable(tmp_path: Path) -> None:
+    engine = ImageEngine(EngineSettings(model=str(tmp_path / "nope"), dtype="float32"))
+    with pytest.raises(ModelUnavailableError) as info:
+        engine.load()
+    assert info.value.retriable
+
+
+def test_attention_backend_choice() -> None:
+    assert select_attention_backend("auto", "cpu") == "native"
+    assert select_attention_backend("_native_flash", "cuda") == "_native_flash"
+    assert not needs_padding_mask([10, 20, 32])  # all pad to 32 tokens
+    assert needs_padding_mask([10, 40])

@@ -1,0 +1,171 @@
+import json
+
+import pytest
+
+from zimage_stream.errors import ERROR_CODES
+from zimage_stream.schemas import (
+    EraseTextRequest,
+    GenerateRequest,
+    RequestParseError,
+    ResultEvent,
+    Timings,
+    json_schemas,
+    parse_request,
+)
+from zimage_stream.styles import STYLE_NAMES
+
+LIMIT = 1 << 20
+
+
+def _raw(**fields: object) -> bytes:
+    event = {
+        "schema_version": 1,
+        "request_id": "r-1",
+        "task": "generate",
+        "params": {"prompt": "a mug"},
+    }
+    event.update(fields)
+    return json.dumps(event).encode()
+
+
+def _error(raw: bytes | None) -> RequestParseError:
+    with pytest.raises(RequestParseError) as info:
+        parse_request(raw, LIMIT)
+    return info.value
+
+
+def test_generate_defaults_follow_the_contract() -> None:
+    request = parse_request(_raw(), LIMIT)
+    assert isinstance(request, GenerateRequest)
+    p = request.params
+    assert (p.width, p.height, p.num_images, p.num_inference_steps, p.guidance_scale) == (
+        1024,
+        1024,
+        4,
+        8,
+        0.0,
+    )
+    assert p.style is None and p.seed is None
+
+
+def test_erase_text_request_is_selected_by_task() -> None:
+    raw = _raw(task="erase_text", params={"source": {"uri": "s3://b/k.png"}})
+    request = parse_request(raw, LIMIT)
+    assert isinstance(request, EraseTextRequest)
+    assert request.params.languages == ["en", "ch"] and request.params.engine == "auto"
+
+
+def test_derived_seed_is_stable_and_content_dependent() -> None:
+    a = parse_request(_raw(), LIMIT).params
+    b = parse_request(_raw(request_id="other-id"), LIMIT).params
+    c = parse_request(_raw(params={"prompt": "a cup"}), LIMIT).params
+    assert a.resolved_seed() == b.resolved_seed()  # the request id does not matter
+    assert a.resolved_seed() != c.resolved_seed()
+    explicit = parse_request(_raw(params={"prompt": "a mug", "seed": 7}), LIMIT).params
+    assert explicit.resolved_seed() == 7
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"\xff\xfe", "invalid_json"),
+        (b"[1, 2]", "invalid_json"),
+        (None, "invalid_json"),
+    ],
+)
+def test_unreadable_messages_have_no_request_id(raw: bytes | None, code: str) -> None:
+    error = _error(raw)
+    assert error.error.code == code and error.request_id is None
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"prompt": "x", "width": 1000}, "multiple of 16"),
+        ({"prompt": "x", "height": 128}, "greater than or equal to 256"),
+        ({"prompt": "x", "num_images": 9}, "less than or equal to 8"),
+        ({"prompt": "x", "num_images": "4"}, "valid integer"),
+        ({"prompt": "x", "style": "vaporwave"}, "minimal_white"),
+        ({"prompt": ""}, "at least 1 character"),
+        ({"prompt": "x", "seed": 2**32}, "less than or equal to"),
+        ({"prompt": "x", "num_image": 2}, "unknown field"),
+        ({"prompt": "x", "num_inference_steps": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_invalid_params_are_rejected_with_a_fix(params: dict, fragment: str) -> None:
+    error = _error(_raw(params=params))
+    assert error.error.code == "invalid_request"
+    assert error.error.status == "rejected" and not error.error.retriable
+    assert error.request_id == "r-1" and error.task == "generate"
+    assert fragment in error.error.message
+
+
+def test_unsupported_schema_version_keeps_the_request_id() -> None:
+    error = _error(_raw(schema_version=2))
+    assert error.error.code == "unsupported_schema_version" and error.request_id == "r-1"
+
+
+def test_bad_request_id_and_unknown_task() -> None:
+    assert _error(_raw(request_id="has space")).request_id is None
+    error = _error(_raw(task="upscale"))
+    assert error.error.code == "invalid_request" and error.task is None
+
+
+def test_oversized_message_is_rejected_before_parsing() -> None:
+    raw = _raw(params={"prompt": "x" * 5000})
+    with pytest.raises(RequestParseError) as info:
+        parse_request(raw, 1024)
+    assert "limit is 1024" in info.value.error.message
+
+
+def test_erase_source_needs_exactly_one_of_uri_or_base64() -> None:
+    both = _raw(task="erase_text", params={"source": {"uri": "s3://b/k", "base64": "AAAA"}})
+    assert "exactly one" in _error(both).error.message
+
+
+def test_result_requires_error_exactly_when_not_succeeded() -> None:
+    timings = Timings(queued=0, inference=0, total=0)
+    with pytest.raises(ValueError):
+        ResultEvent(request_id="r", task="generate", status="failed", timings_ms=timings)
+    ok = ResultEvent(request_id="r", task="generate", status="succeeded", timings_ms=timings)
+    assert json.loads(ok.to_bytes())["cache_hit"] is False
+
+
+def test_json_schemas_describe_the_contract() -> None:
+    schemas = json_schemas()
+    request, result = schemas["request"], schemas["result"]
+    assert set(request["discriminator"]["mapping"]) == {"generate", "erase_text"}
+    generate = request["$defs"]["GenerateParams"]["properties"]
+    assert set(generate) == {
+        "prompt",
+        "style",
+        "width",
+        "height",
+        "num_images",
+        "seed",
+        "num_inference_steps",
+        "guidance_scale",
+    }
+    styles = request["$defs"]["GenerateParams"]["properties"]["style"]["anyOf"][0]["enum"]
+    assert tuple(styles) == STYLE_NAMES
+    assert set(result["properties"]["status"]["enum"]) == {
+        "succeeded",
+        "failed",
+        "rejected",
+        "timed_out",
+    }
+    assert set(result["properties"]) >= {
+        "schema_version",
+        "request_id",
+        "task",
+        "status",
+        "images",
+        "text_regions",
+        "cache_hit",
+        "error",
+        "model",
+        "timings_ms",
+        "completed_at",
+    }
+    assert len(ERROR_CODES) == 12
