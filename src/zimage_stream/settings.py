@@ -9,7 +9,7 @@ hand out, so each part sees only what it uses.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +23,9 @@ AttentionBackend = Literal["auto", "native", "flash", "_native_flash", "_flash_3
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+_S = TypeVar("_S", bound=_Frozen)
 
 
 class KafkaSettings(_Frozen):
@@ -117,47 +120,31 @@ class Settings(BaseSettings):
 
     @property
     def kafka(self) -> KafkaSettings:
-        return KafkaSettings(
-            bootstrap_servers=self.kafka_bootstrap_servers,
-            requests_topic=self.requests_topic,
-            results_topic=self.results_topic,
-            dlq_topic=self.dlq_topic,
-            group_id=self.group_id,
-            max_message_bytes=self.max_message_bytes,
-            create_topics=self.create_topics,
-            topic_partitions=self.topic_partitions,
-            session_timeout_ms=self.kafka_session_timeout_ms,
-            max_poll_interval_ms=self.kafka_max_poll_interval_ms,
-        )
+        return self._section(KafkaSettings, "kafka_", bootstrap_servers="kafka_bootstrap_servers")
 
     @property
     def engine(self) -> EngineSettings:
-        return EngineSettings(
-            model=self.model,
-            model_revision=self.model_revision,
-            device=self.device,
-            dtype=self.dtype,
-            attention_backend=self.attention_backend,
-            warmup=self.warmup,
-            inference_timeout_s=self.inference_timeout_s,
-            tiny_model_dir=self.tiny_model_dir,
-        )
+        return self._section(EngineSettings)
 
     @property
     def batch(self) -> BatchSettings:
-        return BatchSettings(
-            window_ms=self.batch_window_ms,
-            max_batch_size=self.max_batch_size,
-            max_in_flight=self.max_in_flight,
-        )
+        return self._section(BatchSettings, "batch_")
 
     @property
     def storage(self) -> StorageSettings:
-        return StorageSettings(
-            url=self.storage_url,
-            s3_endpoint_url=self.s3_endpoint_url,
-            s3_region=self.s3_region,
-            s3_access_key_id=self.s3_access_key_id,
-            s3_secret_access_key=self.s3_secret_access_key,
-            image_format=self.image_format,
-        )
+        return self._section(StorageSettings, "storage_")
+
+    def _section(self, cls: type[_S], prefix: str = "", **names: str) -> _S:
+        """Build a sub-settings object from the flat fields with the same (or prefixed) name.
+
+        A sub-settings field ``x`` takes ``names[x]``, else ``x``, else ``prefix + x``; fields
+        with no flat counterpart keep their default.
+        """
+        flat = type(self).model_fields
+        values = {}
+        for field in cls.model_fields:
+            for candidate in (names.get(field), field, prefix + field):
+                if candidate is not None and candidate in flat:
+                    values[field] = getattr(self, candidate)
+                    break
+        return cls(**values)

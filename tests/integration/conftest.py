@@ -207,3 +207,15 @@ def generate(request_id: str, prompt: str = "a ceramic mug", **params: Any) -> d
             **params,
         },
     }
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The ``ZIMAGE_*`` environment that gives a ``zimage-stream worker`` these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"ZIMAGE_{name.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

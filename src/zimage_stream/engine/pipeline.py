@@ -135,10 +135,9 @@ class ImageEngine:
     def warm_up(self) -> LoadReport:
         """One small generation, so the first request pays no first-call costs."""
         started = time.perf_counter()
-        shape = BatchShape(width=256, height=256, num_inference_steps=2, guidance_scale=0.0)
-        self.generate(
-            [GenerateJob(prompt="warm-up: a white ceramic mug", num_images=1, seed=0)], shape
-        )
+        size = self._settings.warmup_size
+        shape = BatchShape(width=size, height=size, num_inference_steps=2, guidance_scale=0.0)
+        self.generate([GenerateJob("warm-up: a white ceramic mug", num_images=1, seed=0)], shape)
         warmup_s = round(time.perf_counter() - started, 3)
         self._report = LoadReport(**{**self.report.as_dict(), "warmup_s": warmup_s})
         log.info("model_warmed_up", warmup_s=warmup_s, **memory_summary(self._device))

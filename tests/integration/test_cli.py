@@ -1,0 +1,86 @@
+"""The command line as a user runs it: separate processes, real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import running_worker, worker_env
+from zimage_stream.settings import Settings
+
+CLI = [sys.executable, "-m", "zimage_stream.cli"]
+
+
+def test_schema_prints_both_event_schemas() -> None:
+    out = subprocess.run([*CLI, "schema"], capture_output=True, text=True, check=True)
+    schemas = json.loads(out.stdout)
+    assert set(schemas) == {"request", "result"}
+    assert "GenerateParams" in schemas["request"]["$defs"]
+
+
+async def test_submit_wait_prints_the_result(settings: Settings) -> None:
+    async with running_worker(settings):
+        process = await asyncio.create_subprocess_exec(
+            *CLI,
+            "submit",
+            "a walnut cutting board",
+            "--style",
+            "warm_lifestyle",
+            "--width",
+            "256",
+            "--height",
+            "256",
+            "--num-images",
+            "2",
+            "--seed",
+            "9",
+            "--request-id",
+            "cli-1",
+            "--wait",
+            "--timeout",
+            "120",
+            env=worker_env(settings),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=180)
+    assert process.returncode == 0, stderr.decode()
+    result = json.loads(stdout)
+    assert result["request_id"] == "cli-1" and result["status"] == "succeeded"
+    assert len(result["images"]) == 2
+    for ref in result["images"]:
+        assert Path(ref["uri"].removeprefix("file://")).is_file()
+
+
+def test_demo_runs_on_its_defaults_and_cleans_up(tmp_path: Path, tiny_model_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
+    env["ZIMAGE_TINY_MODEL_DIR"] = str(tiny_model_dir)
+    out = subprocess.run(
+        [*CLI, "demo", "--output", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    paths = [Path(line) for line in lines if line.endswith(".png")]
+    assert len(paths) == 4 and all(p.is_file() for p in paths)
+    assert all(p.is_relative_to(tmp_path / "out") for p in paths)
+    result = json.loads("\n".join(line for line in lines if not line.endswith(".png")))
+    assert result["status"] == "succeeded" and result["model"]["id"] == "tiny"
+    assert "ready: device=cpu" in out.stderr
+    # The embedded broker is gone: nothing listens on its port any more.
+    match = re.search(r"broker: Tansu on 127\.0\.0\.1:(\d+)", out.stderr)
+    assert match is not None
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=1).close()
