@@ -21,26 +21,23 @@ CREDENTIALS = {
 }
 
 
-def _bucket(endpoint: str, name: str) -> None:
-    client = boto3.client(
+def _client(endpoint: str):  # type: ignore[no-untyped-def]
+    """A second, independent S3 client (boto3) to check what obstore wrote."""
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
         region_name="us-east-1",
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
-    client.create_bucket(Bucket=name)
+
+
+def _bucket(endpoint: str, name: str) -> None:
+    _client(endpoint).create_bucket(Bucket=name)
 
 
 def _object(endpoint: str, bucket: str, key: str) -> bytes:
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return _client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 async def test_s3_round_trip(s3_endpoint: str, unique: str) -> None:
