@@ -275,6 +275,7 @@ class Worker:
                 for i, p in enumerate(batch.items)
             ]
             await asyncio.gather(*answers)
+            log.info("batch_answered", requests=len(batch))
             await self._commit()
 
     async def _answer_generate(

@@ -71,9 +71,9 @@ def settings(kafka_bootstrap: str, tmp_path: Path, tiny_model_dir: Path, unique:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+async def running_worker(settings: Settings, worker: Worker | None = None) -> AsyncIterator[Worker]:
     """A worker serving in this event loop until the block ends."""
-    worker = Worker(settings)
+    worker = worker or Worker(settings)
     task = asyncio.create_task(worker.run())
     ready = asyncio.create_task(worker.ready.wait())
     done, _ = await asyncio.wait([ready, task], timeout=120, return_when=asyncio.FIRST_COMPLETED)
