@@ -49,3 +49,23 @@ def test_batching_on_cuda_keeps_an_image_close(engine: ImageEngine) -> None:
     # Reported, not asserted exact: GPU kernels may pick other reductions per batch size.
     print(f"batched vs alone on cuda: max diff {diff.max()}, differing {np.mean(diff > 0):.4%}")
     assert diff.max() <= 8
+
+
+def test_flash_backend_falls_back_to_sdpa_for_masked_batches(tiny_model_dir: Path) -> None:
+    engine = ImageEngine(
+        EngineSettings(
+            model="tiny",
+            tiny_model_dir=tiny_model_dir,
+            attention_backend="_native_flash",
+            warmup=False,
+        )
+    )
+    assert engine.load().attention_backend == "_native_flash"
+    short = "a mug"
+    long = "a very long prompt " * 12  # another 32-token caption bucket: needs a padding mask
+    same_bucket = engine.generate([GenerateJob(short, 1, 1), GenerateJob("a cup", 1, 2)], SHAPE)
+    mixed = engine.generate([GenerateJob(short, 1, 1), GenerateJob(long, 1, 2)], SHAPE)
+    assert len(same_bucket) == len(mixed) == 2
+    # After the masked batch the flash backend is back in place.
+    processor = engine._pipe.transformer.layers[0].attention.processor
+    assert processor._attention_backend == "_native_flash"

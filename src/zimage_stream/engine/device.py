@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+#: attention backends whose kernels accept no attention mask
+MASKLESS_BACKENDS = frozenset({"flash", "_flash_3", "_native_flash"})
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

@@ -23,6 +23,7 @@ from ..errors import ModelUnavailableError
 from ..schemas import MAX_SEED, ModelInfo
 from ..settings import EngineSettings
 from .device import (
+    MASKLESS_BACKENDS,
     free_device_memory,
     memory_summary,
     needs_padding_mask,
@@ -216,8 +217,8 @@ class ImageEngine:
 
     def _attention_for(self, caption_lengths: list[int]) -> _AttentionScope:
         backend = self.report.attention_backend
-        # flash-attn takes no padding mask: such batches go through SDPA instead.
-        if backend.startswith("flash") and needs_padding_mask(caption_lengths):
+        # Flash kernels take no padding mask: such batches go through SDPA instead.
+        if backend in MASKLESS_BACKENDS and needs_padding_mask(caption_lengths):
             return _AttentionScope(self._pipe.transformer, "native", backend)
         return _AttentionScope(self._pipe.transformer, None, backend)
 
