@@ -1,16 +1,18 @@
 """The worker: Kafka requests in, micro-batches through the engine, images stored, results out.
 
-Three stages overlap so the device never waits on I/O:
+The stages overlap so the device never waits on I/O:
 
-* the fetch loop reads records, validates them and adds them to the batcher
-  (rejects and dead letters are answered at once, off the batch path);
+* the fetch loop reads records and validates them; rejects and dead letters are answered
+  at once, and every valid request is *routed* by its own task: a repeat is answered from
+  the cache, identical content already in flight waits for it, the rest is batched;
 * the engine loop takes the oldest ready batch whenever the device is free and runs it
-  in the engine thread, so heartbeats and fetching continue during inference;
-* each finished batch is encoded, stored and published by its own task while the next
-  batch is already on the device; offsets are committed after the results are acked.
+  in the engine thread, so heartbeats, fetching and cache hits continue during inference;
+* each finished batch is encoded, stored, remembered in the cache and published by its
+  own task while the next batch is already on the device;
+* the committer commits offsets up to the lowest record whose result is not acknowledged.
 
-Errors become data at one boundary (``_answer_batch`` / ``_reject``): every request gets
-exactly one result event per processing attempt.
+Errors become data at one boundary per path (``_answer_batch_item``, ``_reject``,
+``_answer_one``): every request gets exactly one result event per processing attempt.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
@@ -31,15 +36,18 @@ from PIL import Image
 from structlog.contextvars import bound_contextvars
 
 from .batcher import Batch, Batcher
+from .cache import CacheEntry, ResultCache, content_key
 from .consumer import Delivery, RequestConsumer
 from .engine import BatchShape, GenerateJob, ImageEngine
 from .errors import InternalError, ModelUnavailableError, OutOfMemoryError, ZImageError
 from .imaging import CONTENT_TYPES, encode_image
+from .inflight import InFlight
 from .producer import ResultProducer
 from .schemas import (
     ErrorInfo,
     GenerateRequest,
     ImageRef,
+    ModelInfo,
     RequestParseError,
     ResultEvent,
     Timings,
@@ -57,11 +65,12 @@ _PASSED_HEADERS = ("traceparent",)
 
 @dataclass(eq=False)
 class Pending:
-    """A validated generate request waiting for, or in, a batch."""
+    """A validated generate request on its way to a result."""
 
     delivery: Delivery
     request: GenerateRequest
     job: GenerateJob
+    content_key: str
     arrived_at: float  # wall-clock seconds: submitted_at, else the broker's timestamp
 
 
@@ -75,21 +84,39 @@ class BatchOutcome:
     inference_s: float
 
 
+@dataclass
+class Answer:
+    """How a request was answered, to be shared with the requests that followed it."""
+
+    error: ZImageError | None
+    entry: CacheEntry | None
+
+
 class Worker:
-    """Composes consumer, batcher, engine, storage and producer; ``run`` until ``stop``."""
+    """Composes consumer, cache, batcher, engine, storage and producer; ``run`` until ``stop``."""
 
     def __init__(
         self,
         settings: Settings,
         engine: ImageEngine | None = None,
         storage: Storage | None = None,
+        cache: ResultCache | None = None,
     ) -> None:
         self._settings = settings
         self._engine = engine or ImageEngine(settings.engine)
         self._storage = storage or Storage.from_settings(settings.storage)
+        self.cache = cache or ResultCache.create(
+            settings.redis_url,
+            settings.cache_ttl_s,
+            settings.request_id_ttl_s,
+            timeout_s=settings.redis_timeout_ms / 1000,
+        )
         batch = settings.batch
         self._batcher: Batcher[Pending] = Batcher(batch.window_ms / 1000, batch.max_batch_size)
+        self._inflight: InFlight[Pending] = InFlight()
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._batch_added = asyncio.Event()
+        self._commit_wanted = asyncio.Event()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="zimage-engine")
@@ -101,7 +128,14 @@ class Worker:
         self._consumer: RequestConsumer | None = None
         self._producer: ResultProducer | None = None
         #: counters a test or the bench can read
-        self.stats = {"batches": 0, "batch_requests": 0, "results": 0, "dead_letters": 0}
+        self.stats = {
+            "batches": 0,
+            "batch_requests": 0,
+            "results": 0,
+            "dead_letters": 0,
+            "cache_hits": 0,
+            "followers": 0,
+        }
         self.engine_busy_s = 0.0
 
     @property
@@ -112,6 +146,7 @@ class Worker:
         """Ask the worker to stop: no new fetches; the batch on the device is finished."""
         self._stopping.set()
         self._batch_added.set()
+        self._commit_wanted.set()
 
     async def run(self) -> None:
         """Load and warm the model, join the group, and serve until ``stop()``."""
@@ -122,16 +157,20 @@ class Worker:
         async with AsyncExitStack() as stack:
             stack.callback(self._engine_thread.shutdown, wait=False, cancel_futures=True)
             stack.callback(self._encode_pool.shutdown, wait=False, cancel_futures=True)
+            await stack.enter_async_context(self.cache)
             self._producer = await stack.enter_async_context(ResultProducer(kafka))
             self._consumer = await stack.enter_async_context(RequestConsumer(kafka))
             self.ready.set()
             log.info("worker_ready", group=kafka.group_id, topic=kafka.requests_topic)
-            engine_loop = asyncio.create_task(self._engine_loop(), name="engine-loop")
+            loops = [
+                asyncio.create_task(self._engine_loop(), name="engine-loop"),
+                asyncio.create_task(self._committer(), name="committer"),
+            ]
             try:
                 await self._fetch_loop()
             finally:
                 self.stop()
-                await self._shut_down(engine_loop)
+                await self._shut_down(loops)
 
     async def _load_engine(self) -> None:
         loop = asyncio.get_running_loop()
@@ -139,14 +178,14 @@ class Worker:
         if self._settings.engine.warmup:
             await loop.run_in_executor(self._engine_thread, self._engine.warm_up)
 
-    async def _shut_down(self, engine_loop: asyncio.Task[None]) -> None:
+    async def _shut_down(self, loops: list[asyncio.Task[None]]) -> None:
         """Finish the batch on the device and publish what is done, within the grace period."""
         grace = self._settings.shutdown_grace_s
         deadline = time.monotonic() + grace
-        await asyncio.wait([engine_loop], timeout=grace)
+        await asyncio.wait(loops, timeout=grace)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
-        late = [t for t in [engine_loop, *self._tasks] if not t.done()]
+        late = [t for t in [*loops, *self._tasks] if not t.done()]
         for task in late:
             task.cancel()
         if late:
@@ -155,7 +194,7 @@ class Worker:
         await self._commit()
         log.info("worker_stopped", **self.stats)
 
-    # -- stage 1: fetch ------------------------------------------------------------------
+    # -- stage 1: fetch and route --------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
         consumer = self._require_consumer()
@@ -180,26 +219,87 @@ class Worker:
             error = ModelUnavailableError("erase_text is not available in this worker yet")
             self._spawn(self._answer_one(delivery, request.request_id, request.task, error))
             return
+        self._spawn(self._route(self._pending(delivery, request)))
+
+    def _pending(self, delivery: Delivery, request: GenerateRequest) -> Pending:
         params = request.params
         job = GenerateJob(
             prompt=style_prompt(params.prompt, params.style),
             num_images=params.num_images,
             seed=params.resolved_seed(),
         )
-        arrived = (
-            request.submitted_at.timestamp()
-            if request.submitted_at
-            else delivery.record.timestamp / 1000
-        )
-        key = (
+        submitted = request.submitted_at
+        arrived = submitted.timestamp() if submitted else delivery.record.timestamp / 1000
+        key = content_key(request, self._engine.model_info)
+        return Pending(delivery, request, job, key, arrived)
+
+    async def _route(self, pending: Pending) -> None:
+        """Answer from the cache, or join identical work in flight, or batch it."""
+        key = pending.content_key
+        with bound_contextvars(request_id=pending.request.request_id):
+            entry = await self._cached(pending.request.request_id, key)
+            if entry is not None:
+                self.stats["cache_hits"] += 1
+                await self._answer_from(pending, entry, remember=False)
+                return
+            if not self._inflight.lead(key):
+                self.stats["followers"] += 1
+                self._inflight.follow(key, pending)
+                return
+            if await self.cache.try_lock(key, self._owner, self._settings.cache_lock_ttl_s):
+                self._enqueue(pending)
+            else:
+                await self._follow_other_worker(pending)
+
+    async def _cached(self, request_id: str, key: str) -> CacheEntry | None:
+        """A cache entry whose objects are all still in storage, else None (a miss)."""
+        stats = self.cache.stats
+        entry = await self.cache.find(request_id, key)
+        if entry is not None and not await self._objects_exist(entry):
+            stats.stale += 1
+            log.warning("cache_entry_objects_missing", content_key=key)
+            entry = None
+        if entry is None:
+            stats.misses += 1
+        else:
+            stats.hits += 1
+        return entry
+
+    async def _objects_exist(self, entry: CacheEntry) -> bool:
+        async def exists(uri: str) -> bool:
+            try:
+                return await self._storage.exists(uri)
+            except Exception:  # another storage's URI, or storage down: not usable here
+                return False
+
+        return all(await asyncio.gather(*(exists(image.uri) for image in entry.images)))
+
+    async def _follow_other_worker(self, pending: Pending) -> None:
+        """Another worker holds this content's lock: wait for its result, or take over."""
+        key, ttl = pending.content_key, self._settings.cache_lock_ttl_s
+        log.info("waiting_for_other_worker", content_key=key)
+        while not self._stopping.is_set():
+            await asyncio.sleep(0.05)
+            entry = await self.cache.peek(key)
+            if entry is not None and await self._objects_exist(entry):
+                await self._answer_from(pending, entry, remember=True)
+                return
+            if await self.cache.try_lock(key, self._owner, ttl):  # its holder is gone
+                log.info("took_over_content", content_key=key)
+                self._enqueue(pending)
+                return
+        # Stopping: the request stays uncommitted and is read again by the next owner.
+
+    def _enqueue(self, pending: Pending) -> None:
+        params = pending.request.params
+        shape = (
             "generate",
             params.width,
             params.height,
             params.num_inference_steps,
             params.guidance_scale,
         )
-        pending = Pending(delivery, request, job, arrived)
-        self._batcher.add(pending, key, params.num_images, time.monotonic())
+        self._batcher.add(pending, shape, params.num_images, time.monotonic())
         self._batch_added.set()
 
     # -- stage 2: the device -------------------------------------------------------------
@@ -262,43 +362,93 @@ class Worker:
         )
         return BatchOutcome(images, error, started_wall, elapsed)
 
-    # -- stage 3: encode, store, publish, commit -----------------------------------------
+    # -- stage 3: store, remember, publish -----------------------------------------------
 
     async def _finish_batch(
         self, batch: Batch[Pending], outcome: BatchOutcome, batch_id: str
     ) -> None:
         with bound_contextvars(batch_id=batch_id):
-            answers = [
-                self._answer_generate(
-                    p, outcome, None if outcome.images is None else outcome.images[i]
+            await asyncio.gather(
+                *(
+                    self._answer_batch_item(
+                        p, outcome, None if outcome.images is None else outcome.images[i]
+                    )
+                    for i, p in enumerate(batch.items)
                 )
-                for i, p in enumerate(batch.items)
-            ]
-            await asyncio.gather(*answers)
+            )
             log.info("batch_answered", requests=len(batch))
-            await self._commit()
 
-    async def _answer_generate(
+    async def _answer_batch_item(
         self, pending: Pending, outcome: BatchOutcome, images: list[Image.Image] | None
     ) -> None:
         request = pending.request
         with bound_contextvars(request_id=request.request_id):
-            error, refs = outcome.error, []
+            answer = Answer(outcome.error, None)
+            refs: list[ImageRef] = []
             if images is not None:
                 try:
                     refs = await self._store_images(images)
                 except ZImageError as exc:
-                    error = exc
+                    answer.error = exc
+            if answer.error is None:
+                answer.entry = CacheEntry(
+                    content_key=pending.content_key, images=refs, model=self._engine.model_info
+                )
+            followers = await self._settle(pending, answer)
             result = self._result(
                 request.request_id,
                 request.task,
-                error,
+                answer.error,
                 pending.arrived_at,
                 images=refs,
                 started_at=outcome.started_at,
                 inference_s=outcome.inference_s,
             )
             await self._publish(pending.delivery, result)
+            await self._answer_followers(followers, answer)
+
+    async def _answer_from(self, pending: Pending, entry: CacheEntry, remember: bool) -> None:
+        """Answer with a stored result (a cache hit, or another worker's fresh result)."""
+        answer = Answer(None, entry)
+        followers = await self._settle(pending, answer) if remember else []
+        request = pending.request
+        result = self._result(
+            request.request_id,
+            request.task,
+            None,
+            pending.arrived_at,
+            images=entry.images,
+            cache_hit=True,
+            model=entry.model,
+        )
+        await self._publish(pending.delivery, result)
+        await self._answer_followers(followers, answer)
+
+    async def _settle(self, leader: Pending, answer: Answer) -> list[Pending]:
+        """End the leader's content key: remember a success (before anyone is told) and
+        release the lock; returns the followers to answer."""
+        key = leader.content_key
+        followers = self._inflight.settle(key)
+        if answer.entry is not None:
+            request_ids = [p.request.request_id for p in (leader, *followers)]
+            await self.cache.remember(request_ids, answer.entry)
+        await self.cache.unlock(key, self._owner)
+        return followers
+
+    async def _answer_followers(self, followers: list[Pending], answer: Answer) -> None:
+        for follower in followers:
+            request = follower.request
+            entry = answer.entry
+            result = self._result(
+                request.request_id,
+                request.task,
+                answer.error,
+                follower.arrived_at,
+                images=entry.images if entry else None,
+                cache_hit=entry is not None,
+                model=entry.model if entry else None,
+            )
+            await self._publish(follower.delivery, result)
 
     async def _store_images(self, images: list[Image.Image]) -> list[ImageRef]:
         image_format = self._settings.storage.image_format
@@ -317,6 +467,8 @@ class Worker:
             )
 
         return list(await asyncio.gather(*(store_one(image) for image in images)))
+
+    # -- refusals ------------------------------------------------------------------------
 
     async def _reject(self, delivery: Delivery, exc: RequestParseError) -> None:
         """Dead-letter a message that is not a valid request, and answer it when possible."""
@@ -340,7 +492,8 @@ class Worker:
         with bound_contextvars(request_id=request_id):
             log.info("request_refused", code=error.code, reason=error.message)
             await self._publish(delivery, self._result(request_id, task, error, arrived))
-        await self._commit()
+
+    # -- results and offsets -------------------------------------------------------------
 
     def _result(
         self,
@@ -351,6 +504,8 @@ class Worker:
         images: list[ImageRef] | None = None,
         started_at: float | None = None,
         inference_s: float = 0.0,
+        cache_hit: bool = False,
+        model: ModelInfo | None = None,
     ) -> ResultEvent:
         now = time.time()
         queued = (started_at if started_at is not None else now) - arrived_at
@@ -359,8 +514,9 @@ class Worker:
             task=task,
             status="succeeded" if error is None else error.status,  # type: ignore[arg-type]
             images=images or [],
+            cache_hit=cache_hit,
             error=None if error is None else ErrorInfo(**error.to_dict()),  # type: ignore[arg-type]
-            model=self._engine.model_info,
+            model=model or self._engine.model_info,
             timings_ms=Timings(
                 queued=round(max(0.0, queued) * 1000, 1),
                 inference=round(inference_s * 1000, 1),
@@ -385,6 +541,15 @@ class Worker:
             return
         self._require_consumer().done(delivery)
         self.stats["results"] += 1
+        self._commit_wanted.set()
+
+    async def _committer(self) -> None:
+        """Commit answered offsets, coalescing bursts of answers into one commit."""
+        while not self._stopping.is_set():
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            await self._commit()
+            await asyncio.sleep(0.02)
 
     async def _commit(self) -> None:
         if self._consumer is None:

@@ -117,7 +117,7 @@ def build_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
         transformer=transformer,
     )
     directory.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(directory)  # type: ignore[attr-defined]
+    pipe.save_pretrained(directory)
     (directory / _MARKER).write_text(json.dumps({"version": _BUILD_VERSION, "seed": seed}))
     return directory
 

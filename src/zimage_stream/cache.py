@@ -1,0 +1,291 @@
+"""The fast path: result cache, request-id store and in-flight locks, over Redis or memory.
+
+Three kinds of keys live under one namespace:
+
+* ``res:<content key>``: a succeeded result's images and model, for the cache TTL;
+* ``req:<request id>``: the same for a request id that succeeded (idempotency), so a
+  repeated id is answered from the store even when its params changed;
+* ``lock:<content key>``: held by the worker computing that content, so identical
+  requests on other workers wait for its result instead of computing it again.
+
+Redis is optional (``ZIMAGE_REDIS_URL`` empty = process memory). When Redis fails or is
+slow the cache steps aside for a short back-off: lookups are misses, writes are skipped,
+locks are granted locally. The worker keeps serving; redis-py reconnects on the next call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from pydantic import BaseModel
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .schemas import GenerateRequest, ImageRef, ModelInfo, TextRegion
+from .styles import style_prompt
+
+log = structlog.get_logger(__name__)
+
+
+class CacheEntry(BaseModel):
+    """What a cache hit answers with."""
+
+    content_key: str
+    images: list[ImageRef]
+    text_regions: list[TextRegion] = []
+    model: ModelInfo
+
+
+def content_key(request: GenerateRequest, model: ModelInfo) -> str:
+    """A digest of everything that determines a request's output (not its id or timing)."""
+    params = request.params
+    canonical = {
+        "task": request.task,
+        "prompt": style_prompt(params.prompt, params.style),
+        "width": params.width,
+        "height": params.height,
+        "num_images": params.num_images,
+        "seed": params.resolved_seed(),
+        "steps": params.num_inference_steps,
+        "guidance": params.guidance_scale,
+        "model": model.id,
+        "revision": model.revision,
+        "dtype": model.dtype,
+    }
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class CacheStats:
+    """Counters for the metrics endpoint and the benchmarks."""
+
+    hits: int = 0
+    misses: int = 0
+    stale: int = 0  # entries whose objects were gone from storage
+    errors: int = 0
+    lookup_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class Backend(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def get_many(self, keys: list[str]) -> list[bytes | None]: ...
+    async def set_many(self, items: list[tuple[str, bytes]], ttl_s: float) -> None: ...
+    async def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool: ...
+    async def delete_if_equal(self, key: str, value: bytes) -> None: ...
+
+
+class MemoryBackend:
+    """Process memory, least recently used first out beyond ``max_entries``."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._max_entries = max_entries
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [self._get(key) for key in keys]
+
+    async def set_many(self, items: list[tuple[str, bytes]], ttl_s: float) -> None:
+        for key, value in items:
+            self._set(key, value, ttl_s)
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool:
+        if self._get(key) is not None:
+            return False
+        self._set(key, value, ttl_s)
+        return True
+
+    async def delete_if_equal(self, key: str, value: bytes) -> None:
+        if self._get(key) == value:
+            del self._data[key]
+
+    def _get(self, key: str) -> bytes | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if item[1] <= time.monotonic():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return item[0]
+
+    def _set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._data[key] = (value, time.monotonic() + ttl_s)
+        self._data.move_to_end(key)
+        while len(self._data) > self._max_entries:
+            self._data.popitem(last=False)
+
+
+_DELETE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisBackend:
+    """``redis.asyncio`` with short timeouts: a slow Redis must not slow the worker."""
+
+    def __init__(self, url: str, timeout_s: float = 0.25) -> None:
+        self._url = url
+        self._timeout_s = timeout_s
+        self._client: Redis | None = None
+
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = Redis.from_url(
+                self._url,
+                socket_timeout=self._timeout_s,
+                socket_connect_timeout=self._timeout_s,
+                health_check_interval=10,
+            )
+
+    async def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        values = await self._require().mget(keys)
+        return [v.encode() if isinstance(v, str) else v for v in values]
+
+    async def set_many(self, items: list[tuple[str, bytes]], ttl_s: float) -> None:
+        async with self._require().pipeline(transaction=False) as pipe:
+            for key, value in items:
+                pipe.set(key, value, px=int(ttl_s * 1000))
+            await pipe.execute()
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool:
+        return bool(await self._require().set(key, value, nx=True, px=int(ttl_s * 1000)))
+
+    async def delete_if_equal(self, key: str, value: bytes) -> None:
+        await self._require().eval(_DELETE_IF_EQUAL, 1, key, value)
+
+    def _require(self) -> Redis:
+        if self._client is None:
+            raise RuntimeError("RedisBackend is not started")
+        return self._client
+
+
+class ResultCache:
+    """Cache, request-id store and locks, resilient to a failing backend."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        ttl_s: float,
+        request_ttl_s: float,
+        namespace: str = "zimage:v1",
+        backoff_s: float = 1.0,
+    ) -> None:
+        self._backend = backend
+        self._ttl_s = ttl_s
+        self._request_ttl_s = request_ttl_s
+        self._ns = namespace
+        self._backoff_s = backoff_s
+        self._down_until = 0.0
+        self.stats = CacheStats()
+
+    @classmethod
+    def create(
+        cls, redis_url: str, ttl_s: float, request_ttl_s: float, timeout_s: float = 0.25
+    ) -> ResultCache:
+        """Redis when ``redis_url`` is set, else process memory."""
+        backend: Backend = RedisBackend(redis_url, timeout_s) if redis_url else MemoryBackend()
+        return cls(backend, ttl_s, request_ttl_s)
+
+    async def start(self) -> None:
+        await self._backend.start()
+
+    async def stop(self) -> None:
+        await self._backend.stop()
+
+    async def __aenter__(self) -> ResultCache:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def find(self, request_id: str, key: str) -> CacheEntry | None:
+        """The stored result of this request id, else of this content (None on a miss)."""
+        started = time.perf_counter()
+        raw = await self._guard(self._backend.get_many([self._req(request_id), self._res(key)]))
+        self.stats.lookup_seconds.append(time.perf_counter() - started)
+        by_id, by_content = raw if raw is not None else (None, None)
+        if by_id is not None:
+            entry = CacheEntry.model_validate_json(by_id)
+            if entry.content_key != key:
+                log.warning(
+                    "request_id_reused_with_other_params",
+                    request_id=request_id,
+                    note="answered from the stored result, not recomputed",
+                )
+            return entry
+        return CacheEntry.model_validate_json(by_content) if by_content is not None else None
+
+    async def peek(self, key: str) -> CacheEntry | None:
+        raw = await self._guard(self._backend.get_many([self._res(key)]))
+        found = raw[0] if raw else None
+        return CacheEntry.model_validate_json(found) if found is not None else None
+
+    async def remember(self, request_ids: list[str], entry: CacheEntry) -> None:
+        """Store a succeeded result under its content and under each request id."""
+        value = entry.model_dump_json().encode()
+        items = [(self._res(entry.content_key), value)]
+        await self._guard(self._backend.set_many(items, self._ttl_s))
+        requests = [(self._req(rid), value) for rid in request_ids]
+        await self._guard(self._backend.set_many(requests, self._request_ttl_s))
+
+    async def try_lock(self, key: str, owner: str, ttl_s: float) -> bool:
+        """Whether this worker may compute ``key`` (granted when the backend is down)."""
+        granted = await self._guard(
+            self._backend.set_if_absent(self._lock(key), owner.encode(), ttl_s)
+        )
+        return True if granted is None else bool(granted)
+
+    async def unlock(self, key: str, owner: str) -> None:
+        await self._guard(self._backend.delete_if_equal(self._lock(key), owner.encode()))
+
+    async def _guard(self, operation: Any) -> Any:
+        """Run a backend call; on failure count it, step aside for a while, return None."""
+        if time.monotonic() < self._down_until:
+            operation.close()
+            return None
+        try:
+            result = await operation
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.stats.errors += 1
+            if self._down_until == 0.0 or time.monotonic() >= self._down_until:
+                log.warning("cache_unavailable", error=repr(exc), backoff_s=self._backoff_s)
+            self._down_until = time.monotonic() + self._backoff_s
+            return None
+        if self._down_until:
+            log.info("cache_available_again")
+            self._down_until = 0.0
+        return result
+
+    def _req(self, request_id: str) -> str:
+        return f"{self._ns}:req:{request_id}"
+
+    def _res(self, key: str) -> str:
+        return f"{self._ns}:res:{key}"
+
+    def _lock(self, key: str) -> str:
+        return f"{self._ns}:lock:{key}"
