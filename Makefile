@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; a GPU machine can override: make TORCH_SPEC=torch install
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-unit test-integration lint bench clean
+.PHONY: install services demo test test-unit test-integration lint bench clean
 
 install: $(VENV)/.installed
 
@@ -17,16 +17,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# The tests start their own redis-server when the binary is there (else those tests skip).
+services:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
+		|| echo "redis-server not installed: the Redis tests will be skipped"
+
 demo: install
 	$(VENV)/bin/zimage-stream demo
 
-test: install
+test: install services
 	$(PY) -m pytest -q
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
 
-test-integration: install
+test-integration: install services
 	$(PY) -m pytest -q tests/integration
 
 lint: install

@@ -6,7 +6,8 @@ Three kinds of keys live under one namespace:
 * ``req:<request id>``: the same for a request id that succeeded (idempotency), so a
   repeated id is answered from the store even when its params changed;
 * ``lock:<content key>``: held by the worker computing that content, so identical
-  requests on other workers wait for its result instead of computing it again.
+  requests on other workers wait for its result instead of computing it again. The
+  holder extends it while it works; a holder that dies loses it within one lock TTL.
 
 Redis is optional (``ZIMAGE_REDIS_URL`` empty = process memory). When Redis fails or is
 slow the cache steps aside for a short back-off: lookups are misses, writes are skipped,
@@ -84,6 +85,7 @@ class Backend(Protocol):
     async def set_many(self, items: list[tuple[str, bytes]], ttl_s: float) -> None: ...
     async def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool: ...
     async def delete_if_equal(self, key: str, value: bytes) -> None: ...
+    async def expire_if_equal(self, key: str, value: bytes, ttl_s: float) -> None: ...
 
 
 class MemoryBackend:
@@ -116,6 +118,10 @@ class MemoryBackend:
         if self._get(key) == value:
             del self._data[key]
 
+    async def expire_if_equal(self, key: str, value: bytes, ttl_s: float) -> None:
+        if self._get(key) == value:
+            self._set(key, value, ttl_s)
+
     def _get(self, key: str) -> bytes | None:
         item = self._data.get(key)
         if item is None:
@@ -135,6 +141,10 @@ class MemoryBackend:
 
 _DELETE_IF_EQUAL = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_EXPIRE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
@@ -176,6 +186,9 @@ class RedisBackend:
 
     async def delete_if_equal(self, key: str, value: bytes) -> None:
         await self._require().eval(_DELETE_IF_EQUAL, 1, key, value)
+
+    async def expire_if_equal(self, key: str, value: bytes, ttl_s: float) -> None:
+        await self._require().eval(_EXPIRE_IF_EQUAL, 1, key, value, int(ttl_s * 1000))
 
     def _require(self) -> Redis:
         if self._client is None:
@@ -262,6 +275,10 @@ class ResultCache:
 
     async def unlock(self, key: str, owner: str) -> None:
         await self._guard(self._backend.delete_if_equal(self._lock(key), owner.encode()))
+
+    async def extend_lock(self, key: str, owner: str, ttl_s: float) -> None:
+        """Keep holding ``key`` for another ``ttl_s`` (only if ``owner`` still holds it)."""
+        await self._guard(self._backend.expire_if_equal(self._lock(key), owner.encode(), ttl_s))
 
     async def _guard(self, operation: Any) -> Any:
         """Run a backend call; on failure count it, step aside for a while, return None."""

@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     redis_timeout_ms: int = Field(default=250, ge=10)
     cache_ttl_s: int = Field(default=86_400, ge=1)
     request_id_ttl_s: int = Field(default=7 * 86_400, ge=1)
-    cache_lock_ttl_s: float = Field(default=120.0, gt=0)
+    cache_lock_ttl_s: float = Field(default=15.0, gt=0)
 
     storage_url: str = "./zimage-data"
     s3_endpoint_url: str | None = None

@@ -114,6 +114,7 @@ class Worker:
         batch = settings.batch
         self._batcher: Batcher[Pending] = Batcher(batch.window_ms / 1000, batch.max_batch_size)
         self._inflight: InFlight[Pending] = InFlight()
+        self._locked: set[str] = set()  # content keys whose cache lock this worker holds
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._batch_added = asyncio.Event()
         self._commit_wanted = asyncio.Event()
@@ -165,6 +166,7 @@ class Worker:
             loops = [
                 asyncio.create_task(self._engine_loop(), name="engine-loop"),
                 asyncio.create_task(self._committer(), name="committer"),
+                asyncio.create_task(self._lock_keeper(), name="lock-keeper"),
             ]
             try:
                 await self._fetch_loop()
@@ -191,8 +193,16 @@ class Worker:
         if late:
             log.warning("shutdown_grace_exceeded", cancelled=len(late), grace_s=grace)
             await asyncio.gather(*late, return_exceptions=True)
+        await self._release_unstarted()
         await self._commit()
         log.info("worker_stopped", **self.stats)
+
+    async def _release_unstarted(self) -> None:
+        """Give up the locks of batched requests that never ran, so no one waits for them."""
+        for batch in self._batcher.drain():
+            for pending in batch.items:
+                await self.cache.unlock(pending.content_key, self._owner)
+                self._locked.discard(pending.content_key)
 
     # -- stage 1: fetch and route --------------------------------------------------------
 
@@ -247,6 +257,7 @@ class Worker:
                 self._inflight.follow(key, pending)
                 return
             if await self.cache.try_lock(key, self._owner, self._settings.cache_lock_ttl_s):
+                self._locked.add(key)
                 self._enqueue(pending)
             else:
                 await self._follow_other_worker(pending)
@@ -286,6 +297,7 @@ class Worker:
                 return
             if await self.cache.try_lock(key, self._owner, ttl):  # its holder is gone
                 log.info("took_over_content", content_key=key)
+                self._locked.add(key)
                 self._enqueue(pending)
                 return
         # Stopping: the request stays uncommitted and is read again by the next owner.
@@ -432,7 +444,9 @@ class Worker:
         if answer.entry is not None:
             request_ids = [p.request.request_id for p in (leader, *followers)]
             await self.cache.remember(request_ids, answer.entry)
-        await self.cache.unlock(key, self._owner)
+        if key in self._locked:
+            self._locked.discard(key)
+            await self.cache.unlock(key, self._owner)
         return followers
 
     async def _answer_followers(self, followers: list[Pending], answer: Answer) -> None:
@@ -550,6 +564,15 @@ class Worker:
             self._commit_wanted.clear()
             await self._commit()
             await asyncio.sleep(0.02)
+
+    async def _lock_keeper(self) -> None:
+        """Extend the cache locks this worker holds, a third of a lock TTL at a time."""
+        ttl = self._settings.cache_lock_ttl_s
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), ttl / 3)
+            for key in list(self._locked):
+                await self.cache.extend_lock(key, self._owner, ttl)
 
     async def _commit(self) -> None:
         if self._consumer is None:

@@ -144,3 +144,58 @@ async def test_every_request_is_answered_while_redis_is_down(
         by_id = await _results_for(kafka_io, {"after-repeat"})
     assert all(r["status"] == "succeeded" for r in by_id.values())
     assert by_id["after-repeat"]["cache_hit"] is True
+
+
+async def test_the_holder_keeps_its_lock_during_long_work(
+    settings: Settings, kafka_io: KafkaIO, redis_server: RedisServer
+) -> None:
+    # A lock TTL far shorter than the inference: the keeper must extend it meanwhile.
+    settings = settings.model_copy(update={"redis_url": redis_server.url, "cache_lock_ttl_s": 0.6})
+    request = generate(
+        "long-held", "a wicker basket", width=1024, height=1024, num_images=2, num_inference_steps=8
+    )
+    parsed = parse_request(json.dumps(request).encode(), 1 << 20)
+    assert isinstance(parsed, GenerateRequest)
+    redis = Redis.from_url(redis_server.url)
+    try:
+        async with running_worker(settings) as worker:
+            lock = f"zimage:v1:lock:{content_key(parsed, worker.engine.model_info)}"
+            await kafka_io.send(request)
+            seen = []
+            while worker.stats["results"] == 0:
+                seen.append(await redis.get(lock))
+                await asyncio.sleep(0.1)
+            await _results_for(kafka_io, {"long-held"})
+            released = await redis.get(lock)
+    finally:
+        await redis.aclose()
+    # Held from the first sample on (the send takes a moment), by one holder, to the end.
+    first = next(i for i, value in enumerate(seen) if value is not None)
+    held = seen[first:-1]
+    assert len(held) >= 20 and None not in held and len(set(held)) == 1
+    assert released is None
+
+
+async def test_a_stopping_worker_releases_the_locks_of_work_it_never_started(
+    settings: Settings, kafka_io: KafkaIO, redis_server: RedisServer
+) -> None:
+    settings = settings.model_copy(
+        update={"redis_url": redis_server.url, "batch_window_ms": 30_000}
+    )
+    request = generate("never-run", "a copper kettle")
+    parsed = parse_request(json.dumps(request).encode(), 1 << 20)
+    assert isinstance(parsed, GenerateRequest)
+    redis = Redis.from_url(redis_server.url)
+    try:
+        async with running_worker(settings) as worker:
+            lock = f"zimage:v1:lock:{content_key(parsed, worker.engine.model_info)}"
+            await kafka_io.send(request)
+            for _ in range(100):
+                if await redis.get(lock) is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert await redis.get(lock) is not None  # batched, waiting for its window
+        assert await redis.get(lock) is None  # released at shutdown, not left to expire
+        assert worker.stats["batches"] == 0 and await kafka_io.committed() == {}
+    finally:
+        await redis.aclose()

@@ -134,3 +134,14 @@ def test_hit_rate() -> None:
     assert cache.stats.hit_rate == 0.0
     cache.stats.hits, cache.stats.misses = 3, 1
     assert cache.stats.hit_rate == pytest.approx(0.75)
+
+
+async def test_only_the_holder_extends_its_lock() -> None:
+    cache = ResultCache(MemoryBackend(), ttl_s=60, request_ttl_s=60)
+    assert await cache.try_lock("k", "worker-a", ttl_s=0.05)
+    await cache.extend_lock("k", "worker-b", ttl_s=60)  # not the holder: ignored
+    await cache.extend_lock("k", "worker-a", ttl_s=0.2)
+    await asyncio.sleep(0.08)
+    assert not await cache.try_lock("k", "worker-b", ttl_s=60)  # still held thanks to a
+    await asyncio.sleep(0.15)
+    assert await cache.try_lock("k", "worker-b", ttl_s=60)
