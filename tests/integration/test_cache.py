@@ -12,6 +12,14 @@ from tests.integration.conftest import KafkaIO, RedisServer, generate, running_w
 from zimage_stream.cache import content_key
 from zimage_stream.schemas import GenerateRequest, parse_request
 from zimage_stream.settings import Settings
+from zimage_stream.worker import Worker
+
+
+def _lock_name(request: dict, worker: Worker) -> str:
+    """The Redis key of the cache lock for this request's content."""
+    parsed = parse_request(json.dumps(request).encode(), 1 << 20)
+    assert isinstance(parsed, GenerateRequest)
+    return f"zimage:v1:lock:{content_key(parsed, worker.engine.model_info)}"
 
 
 def _uris(result: dict) -> list[str]:
@@ -103,13 +111,10 @@ async def test_a_dead_lock_holder_is_taken_over(
 ) -> None:
     settings = settings.model_copy(update={"redis_url": redis_server.url})
     request = generate("orphan", "a ceramic vase", seed=4)
-    parsed = parse_request(json.dumps(request).encode(), 1 << 20)
-    assert isinstance(parsed, GenerateRequest)
     async with running_worker(settings) as worker:
-        key = content_key(parsed, worker.engine.model_info)
         redis = Redis.from_url(redis_server.url)
         # Another worker took the content's lock and died: the lock expires in 1.5 s.
-        await redis.set(f"zimage:v1:lock:{key}", b"dead-worker", px=1500)
+        await redis.set(_lock_name(request, worker), b"dead-worker", px=1500)
         await redis.aclose()
         started = asyncio.get_running_loop().time()
         await kafka_io.send(request)
@@ -154,12 +159,10 @@ async def test_the_holder_keeps_its_lock_during_long_work(
     request = generate(
         "long-held", "a wicker basket", width=1024, height=1024, num_images=2, num_inference_steps=8
     )
-    parsed = parse_request(json.dumps(request).encode(), 1 << 20)
-    assert isinstance(parsed, GenerateRequest)
     redis = Redis.from_url(redis_server.url)
     try:
         async with running_worker(settings) as worker:
-            lock = f"zimage:v1:lock:{content_key(parsed, worker.engine.model_info)}"
+            lock = _lock_name(request, worker)
             await kafka_io.send(request)
             seen = []
             while worker.stats["results"] == 0:
@@ -183,12 +186,10 @@ async def test_a_stopping_worker_releases_the_locks_of_work_it_never_started(
         update={"redis_url": redis_server.url, "batch_window_ms": 30_000}
     )
     request = generate("never-run", "a copper kettle")
-    parsed = parse_request(json.dumps(request).encode(), 1 << 20)
-    assert isinstance(parsed, GenerateRequest)
     redis = Redis.from_url(redis_server.url)
     try:
         async with running_worker(settings) as worker:
-            lock = f"zimage:v1:lock:{content_key(parsed, worker.engine.model_info)}"
+            lock = _lock_name(request, worker)
             await kafka_io.send(request)
             for _ in range(100):
                 if await redis.get(lock) is not None:
