@@ -67,6 +67,7 @@ class RequestConsumer:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=s.max_message_bytes + 64 * 1024,
             fetch_max_bytes=max(52_428_800, s.max_message_bytes * 2),
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=min(3000, s.session_timeout_ms // 3),
             max_poll_interval_ms=s.max_poll_interval_ms,

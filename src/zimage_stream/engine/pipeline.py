@@ -7,6 +7,7 @@ keeps heartbeating, fetching and publishing while the device works.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 import warnings
@@ -105,6 +106,10 @@ class ImageEngine:
         source = _model_source(settings)
         self._device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype)
+        if self._device == "cpu":
+            # Leave a core to the event loop: cache hits and publishing must not queue
+            # behind the model's threads.
+            torch.set_num_threads(settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*")

@@ -1,0 +1,86 @@
+"""Local services for the benchmarks: the embedded broker, a redis-server, a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from zimage_stream.broker import EmbeddedBroker, free_port
+from zimage_stream.settings import Settings
+from zimage_stream.worker import Worker
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A private redis-server on a free port; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def broker() -> Iterator[str]:
+    with EmbeddedBroker() as embedded:
+        yield embedded.bootstrap_servers
+
+
+def bench_settings(bootstrap: str, **overrides: object) -> Settings:
+    folder = Path(tempfile.mkdtemp(prefix="zimage-bench-"))
+    values: dict[str, object] = {
+        "kafka_bootstrap_servers": bootstrap,
+        "model": "tiny",
+        "dtype": "float32",
+        "storage_url": str(folder / "images"),
+        "topic_partitions": 3,
+        "requests_topic": f"bench-req-{folder.name}",
+        "results_topic": f"bench-res-{folder.name}",
+        "dlq_topic": f"bench-dlq-{folder.name}",
+        "group_id": f"bench-{folder.name}",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    worker = Worker(settings)
+    task = asyncio.create_task(worker.run())
+    ready = asyncio.create_task(worker.ready.wait())
+    done, _ = await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await task
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]

@@ -1,0 +1,163 @@
+"""Cache-hit latency and hit rate over a real broker and a real Redis (loopback).
+
+Publishes a workload with a known share of repeats (same params, new request ids) to a
+worker running the miniature model, and measures publish → result-received latency for
+cache hits and misses, plus the hit rate. Prints one table.
+
+    .venv/bin/python bench/cache_latency.py [--requests 400] [--repeat-share 0.8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+# Run as a script, so this folder is on sys.path and _services imports directly.
+from _services import bench_settings, broker, percentile, redis_server, running_worker
+from zimage_stream.settings import Settings
+
+
+def _request(request_id: str, product: int) -> dict:
+    return {
+        "schema_version": 1,
+        "request_id": request_id,
+        "task": "generate",
+        "params": {
+            "prompt": f"product photo {product}",
+            "width": 256,
+            "height": 256,
+            "num_images": 1,
+            "num_inference_steps": 2,
+        },
+    }
+
+
+class Receiver:
+    """Reads the results topic and records when each request's result arrived."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.arrived: dict[str, tuple[float, dict]] = {}
+        self._settings = settings
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=5,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        topic = self._settings.results_topic
+        await self._consumer.topics()
+        partitions = [
+            TopicPartition(topic, p)
+            for p in sorted(self._consumer.partitions_for_topic(topic) or [])
+        ]
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await self._consumer.position(tp)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            for records in (await self._consumer.getmany(timeout_ms=50)).values():
+                now = time.perf_counter()
+                for record in records:
+                    result = json.loads(record.value)
+                    self.arrived[result["request_id"]] = (now, result)
+
+    async def wait_for(self, ids: set[str], timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ids <= set(self.arrived):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(ids - set(self.arrived))} results missing")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self._consumer.stop()
+
+
+async def run(requests: int, repeat_share: float, warm: int, rate: float) -> None:
+    with broker() as bootstrap, redis_server() as redis_url:
+        settings = bench_settings(bootstrap, redis_url=redis_url, batch_window_ms=20)
+        async with running_worker(settings):
+            receiver = Receiver(settings)
+            await receiver.start()
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+            await producer.start()
+            sent: dict[str, float] = {}
+
+            async def send(request: dict) -> None:
+                sent[request["request_id"]] = time.perf_counter()
+                await producer.send_and_wait(
+                    settings.requests_topic,
+                    json.dumps(request).encode(),
+                    key=request["request_id"].encode(),
+                )
+
+            # 1. Warm the cache: `warm` distinct products, computed once each.
+            for i in range(warm):
+                await send(_request(f"warm-{i}", i))
+            await receiver.wait_for({f"warm-{i}" for i in range(warm)})
+            # 2. The workload: a known share of repeats of warm products, the rest new.
+            rng = random.Random(7)
+            workload = []
+            for i in range(requests):
+                repeat = rng.random() < repeat_share
+                product = rng.randrange(warm) if repeat else warm + i
+                workload.append((_request(f"load-{i}", product), repeat))
+            for request, _ in workload:
+                await send(request)
+                await asyncio.sleep(1 / rate)
+            await receiver.wait_for({r["request_id"] for r, _ in workload})
+            await producer.stop()
+            await receiver.stop()
+    _report(workload, sent, receiver.arrived, repeat_share)
+
+
+def _report(workload: list, sent: dict, arrived: dict, repeat_share: float) -> None:
+    hits, misses = [], []
+    for request, _ in workload:
+        rid = request["request_id"]
+        received, result = arrived[rid]
+        assert result["status"] == "succeeded", result
+        (hits if result["cache_hit"] else misses).append((received - sent[rid]) * 1000)
+    expected = sum(1 for _, repeat in workload if repeat)
+    print(
+        f"\nworkload: {len(workload)} requests, {expected} repeats "
+        f"(share asked {repeat_share:.0%}), real Tansu broker + redis-server on loopback"
+    )
+    print(f"{'':>22} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    for name, values in (("cache hits", hits), ("misses (model runs)", misses)):
+        print(
+            f"{name:>22} {len(values):>5} {percentile(values, 50):>8.1f} "
+            f"{percentile(values, 95):>8.1f} {percentile(values, 99):>8.1f} "
+            f"{max(values, default=float('nan')):>8.1f}"
+        )
+    print(
+        f"hit rate: {len(hits) / len(workload):.1%} (repeats in the workload: "
+        f"{expected / len(workload):.1%})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--repeat-share", type=float, default=0.8)
+    parser.add_argument("--warm", type=int, default=20, help="distinct products cached first")
+    parser.add_argument("--rate", type=float, default=100.0, help="requests per second")
+    args = parser.parse_args()
+    asyncio.run(run(args.requests, args.repeat_share, args.warm, args.rate))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The benchmark scripts run end to end on a tiny workload (figures are not asserted)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_cache_latency_prints_its_table(tiny_model_dir: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "cache_latency.py"),
+            "--requests",
+            "12",
+            "--warm",
+            "3",
+            "--repeat-share",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")},
+            "ZIMAGE_TINY_MODEL_DIR": str(tiny_model_dir),
+        },
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "cache hits" in out.stdout and "hit rate:" in out.stdout
