@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
@@ -200,3 +201,19 @@ async def test_a_stopping_worker_releases_the_locks_of_work_it_never_started(
         assert worker.stats["batches"] == 0 and await kafka_io.committed() == {}
     finally:
         await redis.aclose()
+
+
+async def test_an_entry_whose_objects_are_gone_is_a_miss(
+    settings: Settings, kafka_io: KafkaIO, redis_server: RedisServer
+) -> None:
+    settings = settings.model_copy(update={"redis_url": redis_server.url})
+    async with running_worker(settings) as worker:
+        await kafka_io.send(generate("kept", "a bamboo tray", num_images=2))
+        first = (await _results_for(kafka_io, {"kept"}))["kept"]
+        # Someone cleaned the bucket: one of the two objects is gone.
+        Path(first["images"][1]["uri"].removeprefix("file://")).unlink()
+        await kafka_io.send(generate("after-cleanup", "a bamboo tray", num_images=2))
+        again = (await _results_for(kafka_io, {"after-cleanup"}))["after-cleanup"]
+    assert again["cache_hit"] is False and again["status"] == "succeeded"
+    assert worker.stats["batches"] == 2 and worker.cache.stats.stale == 1
+    assert all(Path(ref["uri"].removeprefix("file://")).is_file() for ref in again["images"])
