@@ -11,11 +11,13 @@ call as the real model, which is the point: tests and the demo exercise the real
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 TINY_MODEL_NAME = "tiny"
 _MARKER = "zimage_tiny.json"
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
 
 # A Qwen3-style chat template: Z-Image's pipeline formats every prompt through it.
 _CHAT_TEMPLATE = (
@@ -50,18 +52,38 @@ def ensure_tiny_pipeline(directory: Path) -> Path:
 
 
 def build_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
-    """Build the miniature pipeline with seeded random weights and save it to ``directory``."""
+    """Build the miniature pipeline with seeded random weights and save it to ``directory``.
+
+    It is written to a sibling folder and renamed into place, so a process that loads the
+    folder while another builds it never sees half of it.
+    """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        ZImagePipeline,
-        ZImageTransformer2DModel,
-    )
-    from transformers import Qwen3Config, Qwen3Model
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
     tokenizer = _train_tokenizer()
     torch.manual_seed(seed)
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(),
+        text_encoder=_tiny_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        transformer=_tiny_transformer(),
+    )
+    staging = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging)
+    (staging / _MARKER).write_text(json.dumps({"version": _BUILD_VERSION, "seed": seed}))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
+    return directory
+
+
+def _tiny_transformer():  # type: ignore[no-untyped-def]
+    """The diffusers test transformer: dim 32, two layers, two heads."""
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,),
         all_f_patch_size=(1,),
@@ -84,7 +106,14 @@ def build_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
         for name in ("x_pad_token", "cap_pad_token"):
             token = getattr(transformer, name)
             token.copy_(torch.ones_like(token))
-    vae = AutoencoderKL(
+    return transformer
+
+
+def _tiny_vae():  # type: ignore[no-untyped-def]
+    """Four blocks, so it downsamples by 8 like Z-Image's VAE; 16 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4,
@@ -97,7 +126,13 @@ def build_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
         scaling_factor=0.3611,
         shift_factor=0.1159,
     )
-    text_encoder = Qwen3Model(
+
+
+def _tiny_text_encoder(vocab_size: int):  # type: ignore[no-untyped-def]
+    """A two-layer Qwen3 (Z-Image's text encoder family) with hidden size 16."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    return Qwen3Model(
         Qwen3Config(
             hidden_size=16,
             intermediate_size=16,
@@ -105,21 +140,10 @@ def build_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
             num_attention_heads=2,
             num_key_value_heads=2,
             head_dim=8,
-            vocab_size=len(tokenizer),
+            vocab_size=vocab_size,
             max_position_embeddings=512,
         )
     )
-    pipe = ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(directory)
-    (directory / _MARKER).write_text(json.dumps({"version": _BUILD_VERSION, "seed": seed}))
-    return directory
 
 
 def _train_tokenizer():  # type: ignore[no-untyped-def]
