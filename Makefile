@@ -15,13 +15,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# rapidocr pulls the GUI build of OpenCV (needs libGL); the headless one must own cv2.
+	$(PY) -m pip install -q --force-reinstall --no-deps opencv-python-headless
 	touch $@
 
-# The tests start their own redis-server when the binary is there (else those tests skip).
+# The tests start their own redis-server when the binary is there (else those tests skip),
+# and render Chinese text with a CJK font (else the Chinese cases skip).
 services:
-	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-		&& apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
-		|| echo "redis-server not installed: the Redis tests will be skipped"
+	@command -v redis-server >/dev/null && fc-list :lang=zh | grep -q . \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq \
+		&& apt-get install -y -qq redis-server fonts-wqy-zenhei >/dev/null; } \
+		|| echo "redis-server or a CJK font is missing: those tests will be skipped"
 
 demo: install
 	$(VENV)/bin/zimage-stream demo

@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"worker": _worker, "submit": _submit, "schema": _schema, "demo": _demo}
+    handler = {
+        "worker": _worker,
+        "submit": _submit,
+        "schema": _schema,
+        "demo": _demo,
+        "erase": _erase,
+    }
     try:
         return int(handler[args.command](args) or 0)
     except KeyboardInterrupt:
@@ -40,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
     submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
     sub.add_parser("schema", help="print the JSON Schemas of the events")
+    erase = sub.add_parser("erase", help="erase the text in one local image")
+    erase.add_argument("image", type=Path)
+    erase.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="where to write the cleaned image (.png keeps transparency)",
+    )
+    erase.add_argument("--engine", choices=["auto", "classical", "diffusion"], default="auto")
     demo = sub.add_parser("demo", help="run the whole flow on this machine, no services needed")
     demo.add_argument(
         "--model",
@@ -159,6 +175,48 @@ def _submit(args: argparse.Namespace) -> int:
         return 0 if result.status == "succeeded" else 1
 
     return asyncio.run(submit())
+
+
+def _erase(args: argparse.Namespace) -> int:
+    from .eraser import TextEraser
+    from .errors import ZImageError
+    from .ocr import RapidOcrDetector
+    from .sources import decode_image
+
+    configure_logging(json_logs=False, level="WARNING")
+    try:
+        source = decode_image(args.image.read_bytes())
+        result = TextEraser(RapidOcrDetector()).erase(source, args.engine)
+    except FileNotFoundError:
+        print(f"error: {args.image} does not exist", file=sys.stderr)
+        return 2
+    except ZImageError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 1
+    image = result.image
+    if image.mode == "RGBA" and args.output.suffix.lower() in (".jpg", ".jpeg"):
+        image = image.convert("RGB")  # JPEG has no alpha channel
+    image.save(args.output)
+    regions = [
+        {
+            "box": box.polygon.round(1).tolist(),
+            "text": box.text,
+            "confidence": round(box.confidence, 4),
+        }
+        for box in result.regions
+    ]
+    print(
+        json.dumps(
+            {
+                "output": str(args.output),
+                "text_regions": regions,
+                "seconds": round(result.seconds, 3),
+            },
+            ensure_ascii=False,
+            indent=2,
+        )
+    )
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

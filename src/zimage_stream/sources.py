@@ -1,0 +1,136 @@
+"""Reading an ``erase_text`` source image safely.
+
+A source is an object-storage URI the worker may read (``file://`` under the storage
+root, or ``s3://`` in the configured bucket) or base64 bytes. Every source is checked
+before it is decoded: size limit, decompression-bomb guard (pixel limit), EXIF
+orientation applied, and the mode normalised to RGB or RGBA (palette, CMYK, 16-bit and
+grey inputs included) so the rest of the pipeline sees one of two layouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import (
+    SourceForbiddenError,
+    SourceNotFoundError,
+    SourceTooLargeError,
+    SourceUnreadableError,
+)
+from .schemas import ImageSource
+from .storage import Storage
+
+MAX_SOURCE_BYTES = 10 * 1024 * 1024
+MAX_SOURCE_PIXELS = 40_000_000  # about 6300 x 6300
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """A decoded source: RGB or RGBA pixels, and what the output should keep."""
+
+    image: Image.Image
+    has_alpha: bool
+    data: bytes
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return np.asarray(self.image.convert("RGB"))
+
+
+async def read_source(source: ImageSource, storage: Storage) -> SourceImage:
+    """Fetch and decode a source, raising the contract's ``source_*`` errors."""
+    data = _decode_base64(source.base64) if source.base64 is not None else None
+    if data is None:
+        assert source.uri is not None
+        data = await _read_uri(source.uri, storage)
+    return decode_image(data)
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_SOURCE_PIXELS) -> SourceImage:
+    if len(data) > MAX_SOURCE_BYTES:
+        raise SourceTooLargeError(f"source is {len(data)} bytes; the limit is {MAX_SOURCE_BYTES}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > max_pixels:
+                raise SourceTooLargeError(
+                    f"source is {image.width}x{image.height} pixels; the limit is {max_pixels}"
+                )
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise SourceTooLargeError(f"source has too many pixels: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise SourceUnreadableError(f"source is not a readable image: {exc}") from None
+    return SourceImage(*_normalise(image), data=data)
+
+
+def _normalise(image: Image.Image) -> tuple[Image.Image, bool]:
+    image = ImageOps.exif_transpose(image) or image
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey: scale to 8 bits instead of clipping everything above 255 to white.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255, 0, 255).astype(np.uint8))
+    return image.convert("RGBA" if has_alpha else "RGB"), has_alpha
+
+
+def _decode_base64(text: str) -> bytes:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SourceUnreadableError(f"source.base64 is not valid base64: {exc}") from None
+    if len(data) > MAX_SOURCE_BYTES:
+        raise SourceTooLargeError(f"source is {len(data)} bytes; the limit is {MAX_SOURCE_BYTES}")
+    return data
+
+
+async def _read_uri(uri: str, storage: Storage) -> bytes:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        path = _check_under_root(Path(unquote(parsed.path)), storage.root)
+        return await asyncio.to_thread(_read_file, path)
+    if parsed.scheme != "s3":
+        raise SourceForbiddenError(
+            f"source uri scheme {parsed.scheme or '(none)'!r} is not allowed; use s3:// or "
+            "file:// under the storage root"
+        )
+    try:
+        storage.key_of(uri)
+    except ValueError:
+        raise SourceForbiddenError(f"{uri} is outside this worker's storage") from None
+    try:
+        return await storage.get(uri)
+    except FileNotFoundError:
+        raise SourceNotFoundError(f"{uri} does not exist") from None
+
+
+def _read_file(path: Path) -> bytes:
+    size = path.stat().st_size
+    if size > MAX_SOURCE_BYTES:
+        raise SourceTooLargeError(f"source is {size} bytes; the limit is {MAX_SOURCE_BYTES}")
+    return path.read_bytes()
+
+
+def _check_under_root(path: Path, root: Path | None) -> Path:
+    if root is None:
+        raise SourceForbiddenError("file:// sources need file storage (ZIMAGE_STORAGE_URL)")
+    resolved = path.resolve()  # follows symlinks: a link out of the root is refused too
+    if not resolved.is_relative_to(root.resolve()):
+        raise SourceForbiddenError(f"{path} is outside the storage root {root}")
+    if not resolved.is_file():
+        raise SourceNotFoundError(f"{path} does not exist")
+    return resolved

@@ -1,0 +1,56 @@
+"""erase_text requests through the real broker and worker."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.integration.conftest import KafkaIO, running_worker
+from tests.support.render import LATIN_FONT, png_bytes, product_scene, with_text
+from zimage_stream.ocr import RapidOcrDetector
+from zimage_stream.settings import Settings
+
+
+def _erase(request_id: str, source: dict) -> dict:
+    return {
+        "schema_version": 1,
+        "request_id": request_id,
+        "task": "erase_text",
+        "params": {"source": source, "engine": "auto"},
+    }
+
+
+async def test_erase_text_requests_return_cleaned_images(
+    settings: Settings, kafka_io: KafkaIO
+) -> None:
+    rendered = with_text(
+        product_scene(800, 600), [("SALE 50% OFF", (40, 40), LATIN_FONT, 44, (200, 20, 20))]
+    )
+    data = png_bytes(rendered.image)
+    upload = Path(settings.storage.url) / "uploads" / "product.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(data)
+    async with running_worker(settings):
+        await kafka_io.send(_erase("by-uri", {"uri": upload.as_uri()}))
+        await kafka_io.send(_erase("by-bytes", {"base64": base64.b64encode(data).decode()}))
+        await kafka_io.send(_erase("escape", {"uri": "file:///etc/passwd"}))
+        await kafka_io.send(_erase("junk", {"base64": base64.b64encode(b"junk").decode()}))
+        results = {r["request_id"]: r for r in await kafka_io.results(4)}
+    for request_id in ("by-uri", "by-bytes"):
+        result = results[request_id]
+        assert result["status"] == "succeeded", result["error"]
+        assert result["task"] == "erase_text" and len(result["images"]) == 1
+        assert any("SALE" in region["text"] for region in result["text_regions"])
+        path = Path(result["images"][0]["uri"].removeprefix("file://"))
+        with Image.open(path) as cleaned:
+            assert cleaned.size == (800, 600)
+            assert RapidOcrDetector().detect(np.asarray(cleaned.convert("RGB"))) == []
+    assert results["by-uri"]["images"] == results["by-bytes"]["images"]  # same bytes, same object
+    assert (results["escape"]["status"], results["escape"]["error"]["code"]) == (
+        "rejected",
+        "source_forbidden",
+    )
+    assert results["junk"]["error"]["code"] == "source_unreadable"

@@ -1,0 +1,170 @@
+"""Text erasure on rendered images: detection, mask, inpainting, and source safety."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support.render import LATIN_FONT, cjk_font, png_bytes, product_scene, with_text
+from zimage_stream.eraser import TextEraser
+from zimage_stream.errors import ZImageError
+from zimage_stream.ocr import RapidOcrDetector
+from zimage_stream.schemas import ImageSource
+from zimage_stream.settings import StorageSettings
+from zimage_stream.sources import MAX_SOURCE_BYTES, decode_image, read_source
+from zimage_stream.storage import Storage
+
+RED, DARK = (200, 20, 20), (25, 25, 25)
+
+
+@pytest.fixture(scope="module")
+def detector() -> RapidOcrDetector:
+    return RapidOcrDetector()
+
+
+@pytest.fixture(scope="module")
+def eraser(detector: RapidOcrDetector) -> TextEraser:
+    return TextEraser(detector)
+
+
+def _texts() -> list:
+    texts = [
+        ("SALE 50% OFF", (60, 60), LATIN_FONT, 48, RED),
+        ("Free shipping", (620, 120), LATIN_FONT, 28, DARK),
+    ]
+    font = cjk_font()
+    if font is not None:
+        texts.append(("限时特惠 包邮", (560, 650), font, 56, DARK))
+    return texts
+
+
+def test_text_is_found_in_both_languages(detector: RapidOcrDetector) -> None:
+    font = cjk_font()
+    if font is None:
+        pytest.skip("no CJK font (apt-get install fonts-wqy-zenhei)")
+    rendered = with_text(product_scene(), _texts())
+    found = " ".join(box.text for box in detector.detect(np.asarray(rendered.image)))
+    assert "SALE" in found and "限时" in found
+
+
+def test_the_mask_covers_every_stroke_and_nothing_else_changes(eraser: TextEraser) -> None:
+    rendered = with_text(product_scene(), _texts())
+    result = eraser.erase(decode_image(png_bytes(rendered.image)), "classical")
+    assert len(result.regions) >= 2
+    assert result.mask[rendered.strokes].all(), "a text stroke is outside the mask"
+    changed = (np.asarray(result.image) != np.asarray(rendered.image)).any(-1)
+    assert not (changed & ~result.touched).any(), "a pixel outside the mask changed"
+    # The mask stays near the text: it covers a small part of the picture.
+    assert result.mask.astype(bool).mean() < 0.12
+
+
+def test_classical_output_has_no_detectable_text(
+    eraser: TextEraser, detector: RapidOcrDetector
+) -> None:
+    rendered = with_text(product_scene(), _texts())
+    result = eraser.erase(decode_image(png_bytes(rendered.image)), "auto")
+    assert detector.detect(np.asarray(result.image)) == []
+    # Where the text was, the picture is close to the clean scene again.
+    clean = np.asarray(rendered.clean).astype(int)
+    error = np.abs(np.asarray(result.image).astype(int) - clean)[rendered.strokes]
+    assert error.mean() < 12
+
+
+def test_an_image_without_text_comes_back_unchanged(eraser: TextEraser) -> None:
+    scene = product_scene(512, 384)
+    result = eraser.erase(decode_image(png_bytes(scene)))
+    assert result.regions == [] and np.array_equal(np.asarray(result.image), np.asarray(scene))
+
+
+def test_transparency_is_kept(eraser: TextEraser) -> None:
+    rendered = with_text(product_scene(640, 480), _texts()[:1])
+    rgba = rendered.image.convert("RGBA")
+    alpha = np.full((480, 640), 255, np.uint8)
+    alpha[:, :40] = 0
+    rgba.putalpha(Image.fromarray(alpha))
+    result = eraser.erase(decode_image(png_bytes(rgba)))
+    assert result.image.mode == "RGBA"
+    assert np.array_equal(np.asarray(result.image.getchannel("A")), alpha)
+
+
+def test_diffusion_engine_is_refused_clearly(eraser: TextEraser) -> None:
+    with pytest.raises(ZImageError) as info:
+        eraser.erase(decode_image(png_bytes(product_scene(256, 256))), "diffusion")
+    assert info.value.code == "model_unavailable" and "classical" in info.value.message
+
+
+@pytest.mark.parametrize("mode", ["P", "CMYK", "L", "LA", "I;16"])
+def test_source_modes_become_rgb_or_rgba(mode: str) -> None:
+    scene = product_scene(256, 256)
+    if mode == "I;16":
+        grey = np.asarray(scene.convert("L")).astype(np.uint16) * 257
+        image = Image.fromarray(grey)  # uint16: mode I;16
+    else:
+        image = scene.convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    source = decode_image(png_bytes(image, format=fmt))
+    assert source.image.mode == ("RGBA" if mode == "LA" else "RGB")
+    assert source.has_alpha == (mode == "LA")
+    if mode == "I;16":  # scaled to 8 bits, not clipped to white
+        assert 150 < np.asarray(source.image).mean() < 240
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (300, 200), (255, 255, 255))
+    image.paste((0, 0, 0), (0, 0, 30, 30))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    source = decode_image(png_bytes(image, format="JPEG", exif=exif.tobytes()))
+    assert source.image.size == (200, 300)
+    assert np.asarray(source.image)[:30, -30:].mean() < 60  # the black corner moved right
+
+
+def _error(data: bytes) -> str:
+    with pytest.raises(ZImageError) as info:
+        decode_image(data)
+    return info.value.code
+
+
+def test_bad_sources_get_clear_errors() -> None:
+    assert _error(b"not an image at all") == "source_unreadable"
+    assert _error(png_bytes(product_scene(64, 64))[:100]) == "source_unreadable"
+    bomb = png_bytes(Image.new("L", (9000, 9000)))  # 81 Mpx, a few hundred KB
+    assert len(bomb) < MAX_SOURCE_BYTES and _error(bomb) == "source_too_large"
+    assert _error(b"\0" * (MAX_SOURCE_BYTES + 1)) == "source_too_large"
+
+
+async def _read_error(source: ImageSource, storage: Storage) -> str:
+    with pytest.raises(ZImageError) as info:
+        await read_source(source, storage)
+    return info.value.code
+
+
+async def test_uri_sources_stay_inside_the_storage_root(tmp_path: Path) -> None:
+    storage = Storage.from_settings(StorageSettings(url=str(tmp_path / "root")))
+    inside = tmp_path / "root" / "uploads" / "a.png"
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes(png_bytes(product_scene(64, 64)))
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(inside.read_bytes())
+    (tmp_path / "root" / "link.png").symlink_to(outside)
+    ok = await read_source(ImageSource(uri=inside.as_uri()), storage)
+    assert ok.image.size == (64, 64)
+    assert await _read_error(ImageSource(uri=outside.as_uri()), storage) == "source_forbidden"
+    escape = f"{(tmp_path / 'root').as_uri()}/../secret.png"
+    assert await _read_error(ImageSource(uri=escape), storage) == "source_forbidden"
+    link = (tmp_path / "root" / "link.png").as_uri()
+    assert await _read_error(ImageSource(uri=link), storage) == "source_forbidden"
+    missing = (tmp_path / "root" / "nope.png").as_uri()
+    assert await _read_error(ImageSource(uri=missing), storage) == "source_not_found"
+    web = ImageSource(uri="https://example.com/a.png")
+    assert await _read_error(web, storage) == "source_forbidden"
+    other_bucket = ImageSource(uri="s3://someone-else/a.png")
+    assert await _read_error(other_bucket, storage) == "source_forbidden"
+    bad_b64 = ImageSource(base64="***not base64***")
+    assert await _read_error(bad_b64, storage) == "source_unreadable"
+    good_b64 = ImageSource(base64=base64.b64encode(inside.read_bytes()).decode())
+    assert (await read_source(good_b64, storage)).image.size == (64, 64)
