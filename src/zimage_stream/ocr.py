@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+import cv2
 import numpy as np
 
 #: the detector downsizes longer sides beyond this; larger images are tiled instead
@@ -51,6 +52,12 @@ class RapidOcrDetector:
         self._lock = threading.Lock()
 
     def detect(self, rgb: np.ndarray) -> list[TextBox]:
+        """Boxes found in the image and in a contrast-stretched copy of it (low-contrast
+        and translucent text stands out there); their union is what gets erased."""
+        boxes = self._detect_tiled(rgb)
+        return boxes + self._detect_tiled(_stretch_contrast(rgb))
+
+    def _detect_tiled(self, rgb: np.ndarray) -> list[TextBox]:
         height, width = rgb.shape[:2]
         if max(height, width) <= TILE_PX:
             return self._detect_tile(rgb, 0, 0)
@@ -65,9 +72,19 @@ class RapidOcrDetector:
     def _detect_tile(self, rgb: np.ndarray, left: int, top: int) -> list[TextBox]:
         bgr = np.ascontiguousarray(rgb[..., ::-1])
         with self._lock:
-            result, _ = self._engine(bgr, text_score=0.0, box_thresh=0.3)
+            result, _ = self._engine(
+                bgr, text_score=0.0, box_thresh=0.3, thresh=0.2, unclip_ratio=1.8
+            )
         boxes = []
         for polygon, text, score in result or []:
             points = np.asarray(polygon, dtype=np.float32) + np.array([left, top], np.float32)
             boxes.append(TextBox(points, str(text), float(score)))
         return boxes
+
+
+def _stretch_contrast(rgb: np.ndarray) -> np.ndarray:
+    """Local contrast equalisation (CLAHE) on lightness, colours kept."""
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+    clahe = cv2.createCLAHE(clipLimit=4.0, tileGridSize=(8, 8))
+    lab[..., 0] = clahe.apply(lab[..., 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)

@@ -36,3 +36,18 @@ def test_cache_latency_prints_its_table(tiny_model_dir: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "cache hits" in out.stdout and "hit rate:" in out.stdout
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc").is_file(),
+    reason="needs fonts-wqy-zenhei",
+)
+def test_erase_quality_prints_its_table() -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "erase_quality.py"), "--images", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "erase accuracy (EA):" in out.stdout and "background" in out.stdout
