@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from .errors import ModelUnavailableError
 from .inpaint import inpaint_classical
-from .masks import text_mask
+from .masks import TextMask, text_mask
 from .ocr import TextBox, TextDetector
 from .sources import SourceImage
 
@@ -31,19 +32,44 @@ class EraseResult:
     seconds: float
 
 
-class TextEraser:
-    """Runs the erase pipeline with one detector (blocking; call it off the event loop)."""
+Inpainter = Callable[[np.ndarray, TextMask], np.ndarray]
 
-    def __init__(self, detector: TextDetector) -> None:
+
+class TextEraser:
+    """Runs the erase pipeline with one detector (blocking; call it off the event loop).
+
+    ``diffusion`` is the Z-Image inpainter when a model is loaded; ``auto`` uses it when
+    ``prefer_diffusion`` (a GPU is there) and the classical CPU engine otherwise.
+    """
+
+    def __init__(
+        self,
+        detector: TextDetector,
+        diffusion: Inpainter | None = None,
+        prefer_diffusion: bool = False,
+    ) -> None:
         self._detector = detector
+        self._diffusion = diffusion
+        self._prefer_diffusion = prefer_diffusion
+
+    def resolve(self, engine: str) -> str:
+        """The engine that ``engine`` means here: ``diffusion`` or ``classical``."""
+        if engine == "auto":
+            use = self._diffusion is not None and self._prefer_diffusion
+            return "diffusion" if use else "classical"
+        if engine == "diffusion" and self._diffusion is None:
+            raise ModelUnavailableError(
+                "the diffusion inpainting engine needs the Z-Image model, which this process "
+                "has not loaded; use engine 'classical' or 'auto'"
+            )
+        return engine
 
     def erase(self, source: SourceImage, engine: str = "auto") -> EraseResult:
         started = time.perf_counter()
-        if engine == "diffusion":
-            raise ModelUnavailableError(
-                "the diffusion inpainting engine is not available in this worker yet; "
-                "use engine 'classical' or 'auto'"
-            )
+        fill: Inpainter = inpaint_classical
+        if self.resolve(engine) == "diffusion":
+            assert self._diffusion is not None
+            fill = self._diffusion
         rgb = source.pixels
         # 1. Find the text (kept for the result: what was there before erasing).
         regions = self._detector.detect(rgb)
@@ -57,7 +83,7 @@ class TextEraser:
             layer = text_mask(rgb.shape[:2], boxes)
             mask = np.maximum(mask, layer.hard)
             touched |= layer.soft > 0
-            cleaned = inpaint_classical(cleaned, layer)
+            cleaned = fill(cleaned, layer)
             boxes = self._detector.detect(cleaned) if attempt + 1 < MAX_PASSES else []
         # 4. Put transparency back exactly as it was.
         image = Image.fromarray(cleaned)

@@ -38,7 +38,10 @@ async def test_erase_text_requests_return_cleaned_images(
         await kafka_io.send(_erase("by-bytes", {"base64": base64.b64encode(data).decode()}))
         await kafka_io.send(_erase("escape", {"uri": "file:///etc/passwd"}))
         await kafka_io.send(_erase("junk", {"base64": base64.b64encode(b"junk").decode()}))
-        results = {r["request_id"]: r for r in await kafka_io.results(4)}
+        diffusion = _erase("diffusion", {"uri": upload.as_uri()})
+        diffusion["params"]["engine"] = "diffusion"
+        await kafka_io.send(diffusion)
+        results = {r["request_id"]: r for r in await kafka_io.results(5)}
     for request_id in ("by-uri", "by-bytes"):
         result = results[request_id]
         assert result["status"] == "succeeded", result["error"]
@@ -54,3 +57,7 @@ async def test_erase_text_requests_return_cleaned_images(
         "source_forbidden",
     )
     assert results["junk"]["error"]["code"] == "source_unreadable"
+    # The diffusion engine runs Z-Image inpainting (here the miniature model).
+    assert results["diffusion"]["status"] == "succeeded", results["diffusion"]["error"]
+    assert results["diffusion"]["model"]["id"] == "tiny"
+    assert results["by-uri"]["model"]["id"].startswith("classical:")  # auto on a CPU

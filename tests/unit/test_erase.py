@@ -168,3 +168,27 @@ async def test_uri_sources_stay_inside_the_storage_root(tmp_path: Path) -> None:
     assert await _read_error(bad_b64, storage) == "source_unreadable"
     good_b64 = ImageSource(base64=base64.b64encode(inside.read_bytes()).decode())
     assert (await read_source(good_b64, storage)).image.size == (64, 64)
+
+
+def test_diffusion_engine_runs_end_to_end_on_the_miniature_model(
+    detector: RapidOcrDetector, tiny_model_dir: Path
+) -> None:
+    from zimage_stream.engine import ImageEngine
+    from zimage_stream.engine.inpaint import DiffusionInpainter
+    from zimage_stream.settings import EngineSettings
+
+    engine = ImageEngine(
+        EngineSettings(model="tiny", dtype="float32", tiny_model_dir=tiny_model_dir)
+    )
+    engine.load()
+    inpainter = DiffusionInpainter(engine, steps=2, model_px=256)
+    eraser = TextEraser(detector, diffusion=inpainter, prefer_diffusion=True)
+    assert eraser.resolve("auto") == "diffusion" and eraser.resolve("classical") == "classical"
+    rendered = with_text(product_scene(1200, 700), _texts()[:1])
+    result = eraser.erase(decode_image(png_bytes(rendered.image)), "auto")
+    out, before = np.asarray(result.image), np.asarray(rendered.image)
+    assert out.shape == before.shape
+    assert not ((out != before).any(-1) & ~result.touched).any()  # only the masked area
+    assert (out != before).any(-1)[rendered.strokes].mean() > 0.5  # the text was repainted
+    # from_pipe shares the loaded weights: no second copy of the transformer.
+    assert inpainter._pipe.transformer is engine.pipeline.transformer

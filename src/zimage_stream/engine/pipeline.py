@@ -91,6 +91,13 @@ class ImageEngine:
         return self._report
 
     @property
+    def pipeline(self) -> Any:
+        """The loaded diffusers pipeline (for ``from_pipe`` derivatives)."""
+        if self._pipe is None:
+            raise RuntimeError("the engine is not loaded; call load() first")
+        return self._pipe
+
+    @property
     def model_info(self) -> ModelInfo:
         report = self.report
         return ModelInfo(
