@@ -51,3 +51,14 @@ def test_erase_quality_prints_its_table() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "erase accuracy (EA):" in out.stdout and "background" in out.stdout
+
+
+def test_gpu_latency_runs_on_the_miniature_model() -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_latency.py"), "--tiny", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| native | 1 |" in out.stdout and "| native | 4 |" in out.stdout
