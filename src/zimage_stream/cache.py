@@ -20,6 +20,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,6 +60,26 @@ def content_key(request: GenerateRequest, model: ModelInfo) -> str:
         "revision": model.revision,
         "dtype": model.dtype,
     }
+    return _digest(canonical)
+
+
+def erase_content_key(
+    source_sha256: str, languages: list[str], engine: str, model: ModelInfo
+) -> str:
+    """The same for ``erase_text``: the source's bytes, languages, engine and model."""
+    canonical = {
+        "task": "erase_text",
+        "source_sha256": source_sha256,
+        "languages": sorted(languages),
+        "engine": engine,
+        "model": model.id,
+        "revision": model.revision,
+        "dtype": model.dtype,
+    }
+    return _digest(canonical)
+
+
+def _digest(canonical: Mapping[str, object]) -> str:
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 

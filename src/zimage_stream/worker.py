@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import os
 import socket
@@ -36,7 +37,7 @@ from PIL import Image
 from structlog.contextvars import bound_contextvars
 
 from .batcher import Batch, Batcher
-from .cache import CacheEntry, ResultCache, content_key
+from .cache import CacheEntry, ResultCache, content_key, erase_content_key
 from .consumer import Delivery, RequestConsumer
 from .engine import BatchShape, GenerateJob, ImageEngine
 from .engine.inpaint import DiffusionInpainter
@@ -503,25 +504,14 @@ class Worker:
     # -- text erasure --------------------------------------------------------------------
 
     async def _erase(self, delivery: Delivery, request: EraseTextRequest) -> None:
-        """Read the source, erase its text off the loop, store the image, publish."""
+        """Read the source; answer from the cache, or erase its text off the loop, store the
+        image, remember it and publish."""
         arrived = delivery.record.timestamp / 1000
         with bound_contextvars(request_id=request.request_id):
             started_wall, started = time.time(), time.perf_counter()
-            images: list[ImageRef] = []
-            regions: list[TextRegion] = []
-            model = CLASSICAL_MODEL
-            error: ZImageError | None = None
+            entry, cache_hit, error = None, False, None
             try:
-                loop = asyncio.get_running_loop()
-                source = await read_source(request.params.source, self._storage)
-                eraser = await loop.run_in_executor(self._erase_pool, self._text_eraser)
-                engine = eraser.resolve(request.params.engine)
-                if engine == "diffusion":  # the model's device is the engine thread's
-                    model = self._engine.model_info
-                pool = self._engine_thread if engine == "diffusion" else self._erase_pool
-                erased = await loop.run_in_executor(pool, eraser.erase, source, engine)
-                images = await self._store_images([erased.image])
-                regions = [_text_region(box) for box in erased.regions]
+                entry, cache_hit = await self._erase_or_recall(request)
             except ZImageError as exc:
                 error = exc
             except Exception as exc:
@@ -532,13 +522,39 @@ class Worker:
                 request.task,
                 error,
                 arrived,
-                images=images,
+                images=entry.images if entry else None,
                 started_at=started_wall,
-                inference_s=time.perf_counter() - started,
-                model=model,
+                inference_s=0.0 if cache_hit else time.perf_counter() - started,
+                cache_hit=cache_hit,
+                model=entry.model if entry else None,
             )
-            result.text_regions = regions
+            result.text_regions = entry.text_regions if entry else []
             await self._publish(delivery, result)
+
+    async def _erase_or_recall(self, request: EraseTextRequest) -> tuple[CacheEntry, bool]:
+        loop = asyncio.get_running_loop()
+        params = request.params
+        source = await read_source(params.source, self._storage)
+        eraser = await loop.run_in_executor(self._erase_pool, self._text_eraser)
+        engine = eraser.resolve(params.engine)
+        model = self._engine.model_info if engine == "diffusion" else CLASSICAL_MODEL
+        source_sha = hashlib.sha256(source.data).hexdigest()
+        key = erase_content_key(source_sha, list(params.languages), engine, model)
+        cached = await self._cached(request.request_id, key)
+        if cached is not None:
+            self.stats["cache_hits"] += 1
+            return cached, True
+        # The diffusion engine needs the model's device: it runs on the engine thread.
+        pool = self._engine_thread if engine == "diffusion" else self._erase_pool
+        erased = await loop.run_in_executor(pool, eraser.erase, source, engine)
+        entry = CacheEntry(
+            content_key=key,
+            images=await self._store_images([erased.image]),
+            text_regions=[_text_region(box) for box in erased.regions],
+            model=model,
+        )
+        await self.cache.remember([request.request_id], entry)
+        return entry, False
 
     def _text_eraser(self) -> TextEraser:
         # Built on first use, off the loop: the OCR models load in about 0.2 s.

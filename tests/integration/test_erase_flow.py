@@ -42,6 +42,9 @@ async def test_erase_text_requests_return_cleaned_images(
         diffusion["params"]["engine"] = "diffusion"
         await kafka_io.send(diffusion)
         results = {r["request_id"]: r for r in await kafka_io.results(5)}
+        # The same source again, with a new id: answered from the cache.
+        await kafka_io.send(_erase("again", {"uri": upload.as_uri()}))
+        results = {r["request_id"]: r for r in await kafka_io.results(6)}
     for request_id in ("by-uri", "by-bytes"):
         result = results[request_id]
         assert result["status"] == "succeeded", result["error"]
@@ -52,6 +55,10 @@ async def test_erase_text_requests_return_cleaned_images(
             assert cleaned.size == (800, 600)
             assert RapidOcrDetector().detect(np.asarray(cleaned.convert("RGB"))) == []
     assert results["by-uri"]["images"] == results["by-bytes"]["images"]  # same bytes, same object
+    again = results["again"]
+    assert again["cache_hit"] is True and again["images"] == results["by-uri"]["images"]
+    assert again["text_regions"] == results["by-uri"]["text_regions"]
+    assert again["timings_ms"]["inference"] == 0
     assert (results["escape"]["status"], results["escape"]["error"]["code"]) == (
         "rejected",
         "source_forbidden",

@@ -145,3 +145,14 @@ async def test_only_the_holder_extends_its_lock() -> None:
     assert not await cache.try_lock("k", "worker-b", ttl_s=60)  # still held thanks to a
     await asyncio.sleep(0.15)
     assert await cache.try_lock("k", "worker-b", ttl_s=60)
+
+
+def test_erase_key_depends_on_source_languages_engine_and_model() -> None:
+    from zimage_stream.cache import erase_content_key
+
+    base = erase_content_key("a" * 64, ["en", "ch"], "classical", MODEL)
+    assert erase_content_key("a" * 64, ["ch", "en"], "classical", MODEL) == base
+    assert erase_content_key("b" * 64, ["en", "ch"], "classical", MODEL) != base
+    assert erase_content_key("a" * 64, ["en"], "classical", MODEL) != base
+    assert erase_content_key("a" * 64, ["en", "ch"], "diffusion", MODEL) != base
+    assert base != content_key(_request(), MODEL)
