@@ -459,10 +459,15 @@ class Worker:
         """End the leader's content key: remember a success (before anyone is told) and
         release the lock; returns the followers to answer."""
         key = leader.content_key
-        followers = self._inflight.settle(key)
+        waiting: list[str] = []
         if answer.entry is not None:
-            request_ids = [p.request.request_id for p in (leader, *followers)]
-            await self.cache.remember(request_ids, answer.entry)
+            # Remember while the key is still in flight here: an identical request that
+            # arrives meanwhile joins the followers instead of missing the cache.
+            waiting = [p.request.request_id for p in self._inflight.followers(key)]
+            await self.cache.remember([leader.request.request_id, *waiting], answer.entry)
+        followers = self._inflight.settle(key)
+        if answer.entry is not None and (late := followers[len(waiting) :]):
+            await self.cache.remember([p.request.request_id for p in late], answer.entry)
         if key in self._locked:
             self._locked.discard(key)
             await self.cache.unlock(key, self._owner)
