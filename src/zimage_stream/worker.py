@@ -275,11 +275,17 @@ class Worker:
                 self.stats["followers"] += 1
                 self._inflight.follow(key, pending)
                 return
-            if await self.cache.try_lock(key, self._owner, self._settings.cache_lock_ttl_s):
-                self._locked.add(key)
-                self._enqueue(pending)
-            else:
+            if not await self.cache.try_lock(key, self._owner, self._settings.cache_lock_ttl_s):
                 await self._follow_other_worker(pending)
+                return
+            self._locked.add(key)
+            # The result may have landed between the lookup and the lock (another worker
+            # finished just then): look once more before computing it again.
+            landed = await self.cache.peek(key)
+            if landed is not None and await self._objects_exist(landed):
+                await self._answer_from(pending, landed, remember=True)
+                return
+            self._enqueue(pending)
 
     async def _cached(self, request_id: str, key: str) -> CacheEntry | None:
         """A cache entry whose objects are all still in storage, else None (a miss)."""
