@@ -16,12 +16,16 @@ from urllib.parse import urlparse
 
 import obstore
 import structlog
+from obstore.exceptions import NotFoundError
 from obstore.store import LocalStore, S3Store
 
 from .errors import StorageUnavailableError
 from .settings import StorageSettings
 
 log = structlog.get_logger(__name__)
+
+# obstore's S3 "not found" is its own class, not a FileNotFoundError.
+_NOT_FOUND = (FileNotFoundError, NotFoundError)
 
 
 @dataclass(frozen=True)
@@ -89,15 +93,18 @@ class Storage:
         return StoredObject(uri=f"{self._uri_prefix}/{key}", sha256=sha, size_bytes=len(data))
 
     async def get(self, uri: str) -> bytes:
-        """Read back an object this storage wrote (by its URI)."""
+        """Read an object of this storage by its URI; FileNotFoundError when there is none."""
         key = self.key_of(uri)
-        result = await obstore.get_async(self._store, key)
-        return bytes(await result.bytes_async())
+        try:
+            result = await obstore.get_async(self._store, key)
+            return bytes(await result.bytes_async())
+        except _NOT_FOUND as exc:
+            raise FileNotFoundError(uri) from exc
 
     async def exists(self, uri: str) -> bool:
         try:
             await obstore.head_async(self._store, self.key_of(uri))
-        except FileNotFoundError:
+        except _NOT_FOUND:
             return False
         return True
 

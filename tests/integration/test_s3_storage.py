@@ -86,3 +86,21 @@ async def test_worker_stores_images_in_s3(
         assert hashlib.sha256(body).hexdigest() == ref["sha256"]
         with Image.open(io.BytesIO(body)) as image:
             assert image.size == (256, 256)
+
+
+async def test_missing_s3_objects_read_as_not_found(s3_endpoint: str, unique: str) -> None:
+    from zimage_stream.schemas import ImageSource
+    from zimage_stream.sources import read_source
+
+    bucket = f"sources-{unique}"
+    _bucket(s3_endpoint, bucket)
+    storage = Storage.from_settings(
+        StorageSettings(url=f"s3://{bucket}", s3_endpoint_url=s3_endpoint, **CREDENTIALS)
+    )
+    missing = f"s3://{bucket}/uploads/nope.png"
+    assert not await storage.exists(missing)
+    with pytest.raises(FileNotFoundError):
+        await storage.get(missing)
+    with pytest.raises(Exception) as info:
+        await read_source(ImageSource(uri=missing), storage)
+    assert getattr(info.value, "code", None) == "source_not_found"
