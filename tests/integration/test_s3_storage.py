@@ -36,16 +36,20 @@ def _bucket(endpoint: str, name: str) -> None:
     _client(endpoint).create_bucket(Bucket=name)
 
 
+def _storage(endpoint: str, bucket: str, prefix: str = "") -> Storage:
+    """A new bucket, and this project's storage over it."""
+    _bucket(endpoint, bucket)
+    url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    return Storage.from_settings(StorageSettings(url=url, s3_endpoint_url=endpoint, **CREDENTIALS))
+
+
 def _object(endpoint: str, bucket: str, key: str) -> bytes:
     return _client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 async def test_s3_round_trip(s3_endpoint: str, unique: str) -> None:
     bucket = f"images-{unique}"
-    _bucket(s3_endpoint, bucket)
-    storage = Storage.from_settings(
-        StorageSettings(url=f"s3://{bucket}/renders", s3_endpoint_url=s3_endpoint, **CREDENTIALS)
-    )
+    storage = _storage(s3_endpoint, bucket, "renders")
     data = b"\x89PNG fake image bytes"
     stored = await storage.put_image(data, "png")
     sha = hashlib.sha256(data).hexdigest()
@@ -93,10 +97,7 @@ async def test_missing_s3_objects_read_as_not_found(s3_endpoint: str, unique: st
     from zimage_stream.sources import read_source
 
     bucket = f"sources-{unique}"
-    _bucket(s3_endpoint, bucket)
-    storage = Storage.from_settings(
-        StorageSettings(url=f"s3://{bucket}", s3_endpoint_url=s3_endpoint, **CREDENTIALS)
-    )
+    storage = _storage(s3_endpoint, bucket)
     missing = f"s3://{bucket}/uploads/nope.png"
     assert not await storage.exists(missing)
     with pytest.raises(FileNotFoundError):
