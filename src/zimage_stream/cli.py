@@ -197,14 +197,7 @@ def _erase(args: argparse.Namespace) -> int:
     if image.mode == "RGBA" and args.output.suffix.lower() in (".jpg", ".jpeg"):
         image = image.convert("RGB")  # JPEG has no alpha channel
     image.save(args.output)
-    regions = [
-        {
-            "box": box.polygon.round(1).tolist(),
-            "text": box.text,
-            "confidence": round(box.confidence, 4),
-        }
-        for box in result.regions
-    ]
+    regions = [box.as_region().model_dump() for box in result.regions]
     print(
         json.dumps(
             {

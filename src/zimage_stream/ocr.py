@@ -17,6 +17,8 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from .schemas import TextRegion
+
 #: the detector downsizes longer sides beyond this; larger images are tiled instead
 TILE_PX = 1600
 TILE_OVERLAP_PX = 256
@@ -36,6 +38,11 @@ class TextBox:
         p = self.polygon
         sides = [float(np.linalg.norm(p[i] - p[(i + 1) % 4])) for i in range(4)]
         return max(1.0, min((sides[0] + sides[2]) / 2, (sides[1] + sides[3]) / 2))
+
+    def as_region(self) -> TextRegion:
+        """The box as a result event's ``text_regions`` item."""
+        corners = [(round(float(x), 1), round(float(y), 1)) for x, y in self.polygon]
+        return TextRegion(box=corners, text=self.text, confidence=round(self.confidence, 4))
 
 
 class TextDetector(Protocol):

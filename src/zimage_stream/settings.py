@@ -131,7 +131,7 @@ class Settings(BaseSettings):
 
     @property
     def kafka(self) -> KafkaSettings:
-        return self._section(KafkaSettings, "kafka_", bootstrap_servers="kafka_bootstrap_servers")
+        return self._section(KafkaSettings, "kafka_")
 
     @property
     def engine(self) -> EngineSettings:

@@ -45,7 +45,7 @@ from .eraser import TextEraser
 from .errors import InternalError, OutOfMemoryError, ZImageError
 from .imaging import CONTENT_TYPES, encode_image
 from .inflight import InFlight
-from .ocr import RapidOcrDetector, TextBox
+from .ocr import RapidOcrDetector
 from .producer import ResultProducer
 from .schemas import (
     EraseTextRequest,
@@ -73,11 +73,6 @@ _PASSED_HEADERS = ("traceparent",)
 CLASSICAL_MODEL = ModelInfo(
     id="classical:rapidocr+opencv-telea", revision=None, device="cpu", dtype="uint8"
 )
-
-
-def _text_region(box: TextBox) -> TextRegion:
-    corners = [(round(float(x), 1), round(float(y), 1)) for x, y in box.polygon]
-    return TextRegion(box=corners, text=box.text, confidence=round(box.confidence, 4))
 
 
 @dataclass(eq=False)
@@ -153,7 +148,6 @@ class Worker:
             "batch_requests": 0,
             "results": 0,
             "dead_letters": 0,
-            "cache_hits": 0,
             "followers": 0,
         }
         self.engine_busy_s = 0.0
@@ -215,7 +209,7 @@ class Worker:
             await asyncio.gather(*late, return_exceptions=True)
         await self._release_unstarted()
         await self._commit()
-        log.info("worker_stopped", **self.stats)
+        log.info("worker_stopped", cache_hits=self.cache.stats.hits, **self.stats)
 
     async def _release_unstarted(self) -> None:
         """Give up the locks of batched requests that never ran, so no one waits for them."""
@@ -268,7 +262,6 @@ class Worker:
         with bound_contextvars(request_id=pending.request.request_id):
             entry = await self._cached(pending.request.request_id, key)
             if entry is not None:
-                self.stats["cache_hits"] += 1
                 await self._answer_from(pending, entry, remember=False)
                 return
             if not self._inflight.lead(key):
@@ -448,18 +441,8 @@ class Worker:
         """Answer with a stored result (a cache hit, or another worker's fresh result)."""
         answer = Answer(None, entry)
         followers = await self._settle(pending, answer) if remember else []
-        request = pending.request
-        result = self._result(
-            request.request_id,
-            request.task,
-            None,
-            pending.arrived_at,
-            images=entry.images,
-            cache_hit=True,
-            model=entry.model,
-        )
-        await self._publish(pending.delivery, result)
-        await self._answer_followers(followers, answer)
+        for waiting in (pending, *followers):
+            await self._publish_answer(waiting, answer)
 
     async def _settle(self, leader: Pending, answer: Answer) -> list[Pending]:
         """End the leader's content key: remember a success (before anyone is told) and
@@ -481,18 +464,22 @@ class Worker:
 
     async def _answer_followers(self, followers: list[Pending], answer: Answer) -> None:
         for follower in followers:
-            request = follower.request
-            entry = answer.entry
-            result = self._result(
-                request.request_id,
-                request.task,
-                answer.error,
-                follower.arrived_at,
-                images=entry.images if entry else None,
-                cache_hit=entry is not None,
-                model=entry.model if entry else None,
-            )
-            await self._publish(follower.delivery, result)
+            await self._publish_answer(follower, answer)
+
+    async def _publish_answer(self, pending: Pending, answer: Answer) -> None:
+        """Publish a result that ran no inference for ``pending``: a stored result, or the
+        error of the request it followed."""
+        request, entry = pending.request, answer.entry
+        result = self._result(
+            request.request_id,
+            request.task,
+            answer.error,
+            pending.arrived_at,
+            images=entry.images if entry else None,
+            cache_hit=entry is not None,
+            model=entry.model if entry else None,
+        )
+        await self._publish(pending.delivery, result)
 
     async def _store_images(self, images: list[Image.Image]) -> list[ImageRef]:
         image_format = self._settings.storage.image_format
@@ -538,8 +525,8 @@ class Worker:
                 inference_s=0.0 if cache_hit else time.perf_counter() - started,
                 cache_hit=cache_hit,
                 model=entry.model if entry else None,
+                text_regions=entry.text_regions if entry else None,
             )
-            result.text_regions = entry.text_regions if entry else []
             await self._publish(delivery, result)
 
     async def _erase_or_recall(self, request: EraseTextRequest) -> tuple[CacheEntry, bool]:
@@ -553,7 +540,6 @@ class Worker:
         key = erase_content_key(source_sha, list(params.languages), engine, model)
         cached = await self._cached(request.request_id, key)
         if cached is not None:
-            self.stats["cache_hits"] += 1
             return cached, True
         # The diffusion engine needs the model's device: it runs on the engine thread.
         pool = self._engine_thread if engine == "diffusion" else self._erase_pool
@@ -561,7 +547,7 @@ class Worker:
         entry = CacheEntry(
             content_key=key,
             images=await self._store_images([erased.image]),
-            text_regions=[_text_region(box) for box in erased.regions],
+            text_regions=[box.as_region() for box in erased.regions],
             model=model,
         )
         await self.cache.remember([request.request_id], entry)
@@ -615,6 +601,7 @@ class Worker:
         inference_s: float = 0.0,
         cache_hit: bool = False,
         model: ModelInfo | None = None,
+        text_regions: list[TextRegion] | None = None,
     ) -> ResultEvent:
         now = time.time()
         queued = (started_at if started_at is not None else now) - arrived_at
@@ -623,6 +610,7 @@ class Worker:
             task=task,
             status="succeeded" if error is None else error.status,  # type: ignore[arg-type]
             images=images or [],
+            text_regions=text_regions or [],
             cache_hit=cache_hit,
             error=None if error is None else ErrorInfo(**error.to_dict()),  # type: ignore[arg-type]
             model=model or self._engine.model_info,
