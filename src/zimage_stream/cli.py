@@ -180,13 +180,17 @@ def _submit(args: argparse.Namespace) -> int:
 def _erase(args: argparse.Namespace) -> int:
     from .eraser import TextEraser
     from .errors import ZImageError
-    from .ocr import RapidOcrDetector
+    from .ocr import make_detector
     from .sources import decode_image
 
     configure_logging(json_logs=False, level="WARNING")
+    settings = Settings()
     try:
         source = decode_image(args.image.read_bytes())
-        result = TextEraser(RapidOcrDetector()).erase(source, args.engine)
+        detector = make_detector(
+            settings.ocr_backend, settings.ocr_model_dir, settings.ocr_allow_download
+        )
+        result = TextEraser(detector).erase(source, args.engine)
     except FileNotFoundError:
         print(f"error: {args.image} does not exist", file=sys.stderr)
         return 2

@@ -62,8 +62,15 @@ def _feathered(hard: np.ndarray, width: int) -> np.ndarray:
 
 def composite(original: np.ndarray, filled: np.ndarray, soft: np.ndarray) -> np.ndarray:
     """Blend ``filled`` into ``original`` through ``soft``; untouched where soft is 0."""
-    alpha = soft[..., None]
-    blended = original.astype(np.float32) * (1 - alpha) + filled.astype(np.float32) * alpha
-    out = np.clip(np.round(blended), 0, 255).astype(np.uint8)
-    out[soft == 0] = original[soft == 0]
+    out = original.copy()
+    x, y, w, h = cv2.boundingRect((soft > 0).astype(np.uint8))
+    if w == 0 or h == 0:
+        return out
+    area = np.s_[y : y + h, x : x + w]
+    alpha = soft[area][..., None]
+    blended = original[area].astype(np.float32) * (1 - alpha) + filled[area] * alpha
+    region = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    outside = soft[area] == 0
+    region[outside] = original[area][outside]
+    out[area] = region
     return out

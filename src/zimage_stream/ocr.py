@@ -1,27 +1,59 @@
 """Finding text in product images: detector backends behind one interface.
 
-RapidOCR (PP-OCRv4 detection and recognition, models shipped in the wheel) is the
-default and works offline. It is called so that *detector* boxes decide what is text:
-RapidOCR drops boxes whose recognition score is below ``text_score`` (0.5) by default,
-which would leave faint, rotated or stylised text in place; here every detected box is
-kept and recognition only labels it. Large images are tiled so small text survives the
-detector's downscaling; small images are upscaled by the detector itself.
+**RapidOCR** (the default; PP-OCRv4 models shipped in the wheel, works offline). Only its
+detector decides what is text: RapidOCR's own pipeline drops boxes whose *recognition*
+score is below ``text_score``, which leaves faint, rotated or stylised text in place.
+Here the detector's probability map is computed on one view of the image that makes
+faint text stand out, and its boxes are all kept; recognition only labels them.
+
+The view: the image sharpened with an unsharp mask (``SHARPEN_SIGMA``, ``SHARPEN_GAIN``)
+and enlarged (``UPSCALE``, up to a working size of ``DETECT_PX`` on the longer side).
+Sharpening lifts low-contrast and translucent strokes above textured or shaded
+backgrounds, whose variation is smoother than a stroke; enlarging gives 12 px text the
+size the detector was trained on. Measured on ``bench/erase_quality.py`` (96 images) it
+did better than the plain image plus a contrast-equalised (CLAHE) copy, at less cost
+than the two. Images larger than a tile are cut into overlapping tiles, so a
+4000 px photo's small text survives.
+
+**EasyOCR** (optional: ``pip install 'zimage-stream[easyocr]'``). Its CRAFT detector
+and recognisers are downloaded at run time; downloads are off unless allowed, and the
+model folder is configurable, so a worker never fetches weights it was not given.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
+import structlog
 
+from .errors import ModelUnavailableError
 from .schemas import TextRegion
 
-#: the detector downsizes longer sides beyond this; larger images are tiled instead
-TILE_PX = 1600
+log = structlog.get_logger(__name__)
+
+#: the detector's working image: the source enlarged up to this on its longer side ...
+DETECT_PX = 1792
+#: ... but never more than this factor (12 px text becomes 24 px)
+UPSCALE = 1.75
+#: larger working images are cut into tiles this size, overlapping by this much
+TILE_PX = 2048
 TILE_OVERLAP_PX = 256
+SHARPEN_SIGMA = 6.0
+#: images at least this large (shorter side) are also searched at their own size
+OVERVIEW_MIN_PX = 736
+SHARPEN_GAIN = 4.0
+#: DB post-processing: pixel threshold, mean box score, and how far a box is grown
+#: (PP-OCR's DB boxes hug the text's core; 2.0 covers whole glyphs and line ends)
+PIXEL_THRESHOLD = 0.3
+BOX_THRESHOLD = 0.3
+UNCLIP_RATIO = 2.0
+#: a box at least this tall with nothing readable in it is a shape, not text
+SHAPE_MIN_PX = 128
 
 
 @dataclass(frozen=True)
@@ -39,6 +71,9 @@ class TextBox:
         sides = [float(np.linalg.norm(p[i] - p[(i + 1) % 4])) for i in range(4)]
         return max(1.0, min((sides[0] + sides[2]) / 2, (sides[1] + sides[3]) / 2))
 
+    def shifted(self, dx: float, dy: float) -> TextBox:
+        return TextBox(self.polygon + np.array([dx, dy], np.float32), self.text, self.confidence)
+
     def as_region(self) -> TextRegion:
         """The box as a result event's ``text_regions`` item."""
         corners = [(round(float(x), 1), round(float(y), 1)) for x, y in self.polygon]
@@ -46,52 +81,156 @@ class TextBox:
 
 
 class TextDetector(Protocol):
-    def detect(self, rgb: np.ndarray) -> list[TextBox]: ...
+    def detect(self, rgb: np.ndarray, read: bool = True) -> list[TextBox]:
+        """Text boxes in an RGB image; ``read`` = also recognise their text (labels only:
+        every detected box is returned either way)."""
+        ...
+
+
+def make_detector(
+    backend: str = "rapidocr", model_dir: Path | None = None, allow_download: bool = False
+) -> TextDetector:
+    """The detector a worker's settings name (``ZIMAGE_OCR_*``)."""
+    if backend == "rapidocr":
+        return RapidOcrDetector()
+    if backend == "easyocr":
+        return EasyOcrDetector(model_dir=model_dir, allow_download=allow_download)
+    raise ValueError(f"unknown OCR backend {backend!r}: use 'rapidocr' or 'easyocr'")
 
 
 class RapidOcrDetector:
-    """RapidOCR on onnxruntime; thread-safe (one inference at a time)."""
+    """PP-OCRv4 detection (and recognition for labels) on onnxruntime; thread-safe."""
 
     def __init__(self) -> None:
         from rapidocr_onnxruntime import RapidOCR
+        from rapidocr_onnxruntime.ch_ppocr_det.utils import DBPostProcess
 
         self._engine = RapidOCR()
+        self._session = self._engine.text_det.infer
+        self._postprocess = DBPostProcess(
+            thresh=PIXEL_THRESHOLD,
+            box_thresh=BOX_THRESHOLD,
+            unclip_ratio=UNCLIP_RATIO,
+            max_candidates=1000,
+            use_dilation=True,
+        )
         self._lock = threading.Lock()
 
-    def detect(self, rgb: np.ndarray) -> list[TextBox]:
-        """Boxes found in the image and in a contrast-stretched copy of it (low-contrast
-        and translucent text stands out there); their union is what gets erased."""
-        boxes = self._detect_tiled(rgb)
-        return boxes + self._detect_tiled(_stretch_contrast(rgb))
-
-    def _detect_tiled(self, rgb: np.ndarray) -> list[TextBox]:
+    def detect(self, rgb: np.ndarray, read: bool = True) -> list[TextBox]:
         height, width = rgb.shape[:2]
-        if max(height, width) <= TILE_PX:
-            return self._detect_tile(rgb, 0, 0)
-        boxes: list[TextBox] = []
+        if min(height, width) < 4:
+            return []
+        scale = min(UPSCALE, max(1.0, DETECT_PX / max(height, width)))
+        size = (round(width * scale), round(height * scale))
+        view = _sharpened(rgb)
+        with self._lock:
+            enlarged = cv2.resize(view, size, interpolation=cv2.INTER_CUBIC)
+            probability = self._probability(enlarged)
+            # Large images are also looked at unenlarged: large text is found whole there.
+            if min(height, width) >= OVERVIEW_MIN_PX and scale > 1.0:
+                coarse = cv2.resize(self._probability(view), size)
+                np.maximum(probability, coarse, out=probability)
+            polygons, scores = self._postprocess(probability[None, None], (height, width))
+            boxes = [
+                TextBox(np.asarray(polygon, np.float32), "", float(score))
+                for polygon, score in zip(polygons, scores, strict=True)
+            ]
+            if read and boxes:
+                boxes = self._read(rgb, boxes)
+                # Enlarged, the detector sometimes takes a plain shape (a product's silhouette)
+                # for one huge glyph; a box that tall in which nothing can be read is not text.
+                boxes = [b for b in boxes if b.text.strip() or b.height < SHAPE_MIN_PX]
+        return boxes
+
+    def _probability(self, view: np.ndarray) -> np.ndarray:
+        """The detector's text probability for every pixel of ``view`` (tiled if large)."""
+        height, width = view.shape[:2]
+        probability = np.zeros((height, width), np.float32)
         step = TILE_PX - TILE_OVERLAP_PX
         for top in range(0, max(1, height - TILE_OVERLAP_PX), step):
             for left in range(0, max(1, width - TILE_OVERLAP_PX), step):
-                tile = rgb[top : top + TILE_PX, left : left + TILE_PX]
-                boxes.extend(self._detect_tile(tile, left, top))
-        return boxes  # overlapping duplicates are harmless: the mask is their union
+                tile = view[top : top + TILE_PX, left : left + TILE_PX]
+                h, w = tile.shape[:2]
+                out = probability[top : top + h, left : left + w]
+                np.maximum(out, self._infer(tile), out=out)
+        return probability
 
-    def _detect_tile(self, rgb: np.ndarray, left: int, top: int) -> list[TextBox]:
+    def _infer(self, rgb: np.ndarray) -> np.ndarray:
+        height, width = rgb.shape[:2]
+        # The network wants sides that are multiples of 32: pad (edge pixels), don't resize.
+        pad_h = max(32, -(-height // 32) * 32) - height
+        pad_w = max(32, -(-width // 32) * 32) - width
+        padded = cv2.copyMakeBorder(rgb, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
+        # PP-OCR normalisation (mean 0.5, std 0.5) on BGR, in float32.
+        tensor = padded[..., ::-1].astype(np.float32) * (2.0 / 255.0) - 1.0
+        tensor = np.ascontiguousarray(tensor.transpose(2, 0, 1)[None])
+        prediction = self._session(tensor)[0]
+        return np.asarray(prediction[0, 0, :height, :width], np.float32)
+
+    def _read(self, rgb: np.ndarray, boxes: list[TextBox]) -> list[TextBox]:
+        """The boxes labelled with recognised text (confidence stays the detector's)."""
         bgr = np.ascontiguousarray(rgb[..., ::-1])
-        with self._lock:
-            result, _ = self._engine(
-                bgr, text_score=0.0, box_thresh=0.3, thresh=0.2, unclip_ratio=1.8
+        crops = self._engine.get_crop_img_list(bgr, [box.polygon for box in boxes])
+        recognised, _ = self._engine.text_rec(crops)
+        return [
+            TextBox(box.polygon, str(text), box.confidence)
+            for box, (text, _score) in zip(boxes, recognised, strict=True)
+        ]
+
+
+def _sharpened(rgb: np.ndarray) -> np.ndarray:
+    """Unsharp mask: strokes amplified against smooth backgrounds, colours kept."""
+    pixels = rgb.astype(np.float32)
+    detail = pixels - cv2.GaussianBlur(pixels, (0, 0), SHARPEN_SIGMA)
+    return np.clip(pixels + SHARPEN_GAIN * detail, 0, 255).astype(np.uint8)
+
+
+class EasyOcrDetector:
+    """EasyOCR (CRAFT detection, recognition for labels); optional, thread-safe."""
+
+    LANGUAGES = ("ch_sim", "en")
+
+    def __init__(self, model_dir: Path | None = None, allow_download: bool = False) -> None:
+        try:
+            import easyocr
+        except ImportError as exc:
+            raise ModelUnavailableError(
+                "the easyocr OCR backend is not installed: pip install 'zimage-stream[easyocr]'"
+                " (or use ZIMAGE_OCR_BACKEND=rapidocr)"
+            ) from exc
+        import torch
+
+        try:
+            self._reader: Any = easyocr.Reader(
+                list(self.LANGUAGES),
+                gpu=torch.cuda.is_available(),
+                model_storage_directory=str(model_dir) if model_dir else None,
+                download_enabled=allow_download,
+                verbose=False,
             )
-        boxes = []
-        for polygon, text, score in result or []:
-            points = np.asarray(polygon, dtype=np.float32) + np.array([left, top], np.float32)
-            boxes.append(TextBox(points, str(text), float(score)))
-        return boxes
+        except FileNotFoundError as exc:
+            where = model_dir or "~/.EasyOCR/model"
+            raise ModelUnavailableError(
+                f"EasyOCR's model files are not in {where} and downloads are off "
+                f"(ZIMAGE_OCR_ALLOW_DOWNLOAD=true allows them): {exc}"
+            ) from exc
+        self._lock = threading.Lock()
+        log.info("easyocr_loaded", model_dir=str(model_dir) if model_dir else None)
+
+    def detect(self, rgb: np.ndarray, read: bool = True) -> list[TextBox]:
+        # Low thresholds: every faint stroke counts, since a missed one stays in the image.
+        options = {"text_threshold": 0.5, "low_text": 0.3, "link_threshold": 0.3}
+        with self._lock:
+            if read:
+                found = self._reader.readtext(rgb, **options)
+                return [_easy_box(box, str(text), float(score)) for box, text, score in found]
+            horizontal, free = self._reader.detect(rgb, **options)
+        boxes = [
+            _easy_box([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], "", 1.0)
+            for x0, x1, y0, y1 in horizontal[0]
+        ]
+        return boxes + [_easy_box(points, "", 1.0) for points in free[0]]
 
 
-def _stretch_contrast(rgb: np.ndarray) -> np.ndarray:
-    """Local contrast equalisation (CLAHE) on lightness, colours kept."""
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
-    clahe = cv2.createCLAHE(clipLimit=4.0, tileGridSize=(8, 8))
-    lab[..., 0] = clahe.apply(lab[..., 0])
-    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+def _easy_box(points: Any, text: str, score: float) -> TextBox:
+    return TextBox(np.asarray(points, np.float32).reshape(4, 2), text, score)

@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     cpu_threads: int = Field(default=0, ge=0)
     tiny_model_dir: Path = Path(".cache/zimage-tiny")
 
+    # Text detection for erase_text: RapidOCR (models in the wheel) or EasyOCR (optional
+    # extra; its weights come from OCR_MODEL_DIR, downloaded only if OCR_ALLOW_DOWNLOAD).
+    ocr_backend: Literal["rapidocr", "easyocr"] = "rapidocr"
+    ocr_model_dir: Path | None = None
+    ocr_allow_download: bool = False
+
     batch_window_ms: int = Field(default=50, ge=0, le=60_000)
     max_batch_size: int = Field(default=8, ge=1, le=64)
     max_in_flight: int = Field(default=64, ge=1)

@@ -45,7 +45,7 @@ from .eraser import TextEraser
 from .errors import InternalError, OutOfMemoryError, ZImageError
 from .imaging import CONTENT_TYPES, encode_image
 from .inflight import InFlight
-from .ocr import RapidOcrDetector
+from .ocr import make_detector
 from .producer import ResultProducer
 from .schemas import (
     EraseTextRequest,
@@ -136,6 +136,7 @@ class Worker:
         self._encode_pool = ThreadPoolExecutor(2, thread_name_prefix="zimage-encode")
         self._erase_pool = ThreadPoolExecutor(1, thread_name_prefix="zimage-erase")
         self._eraser: TextEraser | None = None
+        self._erasing: dict[str, asyncio.Future[CacheEntry]] = {}  # content key -> result
         self._tasks: set[asyncio.Task[None]] = set()
         self._finishing = asyncio.Semaphore(2)  # bounds decoded images held in memory
         self._commit_lock = asyncio.Lock()
@@ -541,23 +542,44 @@ class Worker:
         cached = await self._cached(request.request_id, key)
         if cached is not None:
             return cached, True
-        # The diffusion engine needs the model's device: it runs on the engine thread.
-        pool = self._engine_thread if engine == "diffusion" else self._erase_pool
-        erased = await loop.run_in_executor(pool, eraser.erase, source, engine)
-        entry = CacheEntry(
-            content_key=key,
-            images=await self._store_images([erased.image]),
-            text_regions=[box.as_region() for box in erased.regions],
-            model=model,
-        )
-        await self.cache.remember([request.request_id], entry)
+        running = self._erasing.get(key)
+        if running is not None:  # the same image is being erased: share its result
+            self.stats["followers"] += 1
+            entry = await asyncio.shield(running)
+            await self.cache.remember([request.request_id], entry)
+            return entry, True
+        self._erasing[key] = running = loop.create_future()
+        try:
+            # The diffusion engine needs the model's device: it runs on the engine thread.
+            pool = self._engine_thread if engine == "diffusion" else self._erase_pool
+            erased = await loop.run_in_executor(pool, eraser.erase, source, engine)
+            entry = CacheEntry(
+                content_key=key,
+                images=await self._store_images([erased.image]),
+                text_regions=[box.as_region() for box in erased.regions],
+                model=model,
+            )
+            await self.cache.remember([request.request_id], entry)
+        except asyncio.CancelledError:
+            running.cancel()
+            raise
+        except Exception as exc:
+            running.set_exception(exc)
+            running.exception()  # retrieved here: there may be no followers
+            raise
+        finally:
+            del self._erasing[key]
+        running.set_result(entry)
         return entry, False
 
     def _text_eraser(self) -> TextEraser:
         # Built on first use, off the loop: the OCR models load in about 0.2 s.
         if self._eraser is None:
+            settings = self._settings
             self._eraser = TextEraser(
-                RapidOcrDetector(),
+                make_detector(
+                    settings.ocr_backend, settings.ocr_model_dir, settings.ocr_allow_download
+                ),
                 diffusion=DiffusionInpainter(self._engine),
                 prefer_diffusion=self._engine.report.device != "cpu",
             )

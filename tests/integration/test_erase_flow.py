@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.integration.conftest import KafkaIO, running_worker
 from tests.support.render import LATIN_FONT, png_bytes, product_scene, with_text
+from zimage_stream.eraser import TextEraser
 from zimage_stream.ocr import RapidOcrDetector
 from zimage_stream.settings import Settings
+from zimage_stream.sources import SourceImage
 
 
 def _erase(request_id: str, source: dict) -> dict:
@@ -68,3 +72,29 @@ async def test_erase_text_requests_return_cleaned_images(
     assert results["diffusion"]["status"] == "succeeded", results["diffusion"]["error"]
     assert results["diffusion"]["model"]["id"] == "tiny"
     assert results["by-uri"]["model"]["id"].startswith("classical:")  # auto on a CPU
+
+
+async def test_identical_erase_requests_in_flight_are_erased_once(
+    settings: Settings, kafka_io: KafkaIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    erased: list[str] = []
+    real_erase = TextEraser.erase
+
+    def counting_erase(self: TextEraser, source: SourceImage, engine: str = "auto") -> object:
+        erased.append(engine)
+        return real_erase(self, source, engine)
+
+    monkeypatch.setattr(TextEraser, "erase", counting_erase)
+    rendered = with_text(
+        product_scene(640, 480), [("NEW ARRIVAL", (40, 40), LATIN_FONT, 40, (20, 20, 20))]
+    )
+    source = {"base64": base64.b64encode(png_bytes(rendered.image)).decode()}
+    async with running_worker(settings):
+        for index in range(3):  # at once: none is cached when the others arrive
+            await kafka_io.send(_erase(f"same-{index}", source))
+        results = await kafka_io.results(3)
+    assert sorted(r["request_id"] for r in results) == ["same-0", "same-1", "same-2"]
+    assert all(r["status"] == "succeeded" for r in results), results
+    assert len({json.dumps(r["images"]) for r in results}) == 1  # one image for all three
+    assert len(erased) == 1, f"erased {len(erased)} times"
+    assert sorted(r["cache_hit"] for r in results) == [False, True, True]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -192,3 +194,80 @@ def test_diffusion_engine_runs_end_to_end_on_the_miniature_model(
     assert (out != before).any(-1)[rendered.strokes].mean() > 0.5  # the text was repainted
     # from_pipe shares the loaded weights: no second copy of the transformer.
     assert inpainter._pipe.transformer is engine.pipeline.transformer
+
+
+def test_faint_small_text_on_a_textured_background_is_found(eraser: TextEraser) -> None:
+    # 14 px grey-on-grey text at 60 % opacity over grain and stripes: what the sharpened,
+    # enlarged detector view is for (the plain PP-OCR call finds nothing here).
+    rng = np.random.default_rng(3)
+    grain = rng.normal(0, 10, (192, 256, 1)).astype(np.float32)
+    grain = np.asarray(Image.fromarray(grain[..., 0]).resize((1024, 768)), np.float32)[..., None]
+    stripes = 8 * np.sin(np.arange(1024, dtype=np.float32) / 9)[None, :, None]
+    texture = np.clip(140 + grain + stripes, 0, 255).astype(np.uint8).repeat(3, 2)
+    scene = Image.fromarray(texture)
+    overlay = with_text(scene, [("Free shipping", (300, 400), LATIN_FONT, 14, (100, 100, 100))])
+    faint = Image.blend(scene, overlay.image, 0.6)
+    strokes = (np.asarray(faint) != np.asarray(scene)).any(-1) & overlay.strokes
+    result = eraser.erase(decode_image(png_bytes(faint)), "classical")
+    assert result.mask.astype(bool)[strokes].mean() >= 0.99
+
+
+def test_small_text_in_a_large_photo_is_found_through_tiling(eraser: TextEraser) -> None:
+    rendered = with_text(
+        product_scene(3600, 2400), [("NEW ARRIVAL", (3000, 2200), LATIN_FONT, 22, DARK)]
+    )
+    result = eraser.erase(decode_image(png_bytes(rendered.image)), "classical")
+    assert result.mask[rendered.strokes].all()
+    assert result.mask.astype(bool).mean() < 0.01
+
+
+def test_easyocr_backend_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zimage_stream.ocr import make_detector
+
+    monkeypatch.setitem(sys.modules, "easyocr", None)  # import fails: not installed
+    with pytest.raises(ZImageError) as info:
+        make_detector("easyocr")
+    assert info.value.code == "model_unavailable" and "zimage-stream[easyocr]" in info.value.message
+    with pytest.raises(ValueError, match="unknown OCR backend"):
+        make_detector("tesseract")
+
+
+class _FakeReader:
+    """Stands in for ``easyocr.Reader``, which needs weights this machine cannot fetch."""
+
+    calls: ClassVar[list[dict]] = []
+
+    def __init__(self, languages: list[str], **options: object) -> None:
+        self.calls.append({"languages": languages, **options})
+        if not options.get("download_enabled") and "empty" in str(
+            options["model_storage_directory"]
+        ):
+            raise FileNotFoundError("Missing craft_mlt_25k.pth and downloads disabled")
+
+    def readtext(self, rgb: np.ndarray, **options: object) -> list:
+        return [([[10, 10], [90, 10], [90, 30], [10, 30]], "SALE", 0.91)]
+
+    def detect(self, rgb: np.ndarray, **options: object) -> tuple[list, list]:
+        return [[[10, 90, 10, 30]]], [[[[5, 50], [60, 40], [64, 60], [8, 70]]]]
+
+
+def test_easyocr_backend_keeps_downloads_off_and_reads_boxes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import types
+
+    from zimage_stream.ocr import make_detector
+
+    monkeypatch.setitem(sys.modules, "easyocr", types.SimpleNamespace(Reader=_FakeReader))
+    with pytest.raises(ZImageError) as info:
+        make_detector("easyocr", model_dir=tmp_path / "empty")
+    assert info.value.code == "model_unavailable"
+    assert "ZIMAGE_OCR_ALLOW_DOWNLOAD" in info.value.message
+    assert _FakeReader.calls[-1]["download_enabled"] is False
+    detector = make_detector("easyocr", model_dir=tmp_path / "models")
+    assert _FakeReader.calls[-1]["model_storage_directory"] == str(tmp_path / "models")
+    rgb = np.zeros((100, 100, 3), np.uint8)
+    (read,) = detector.detect(rgb)
+    assert read.text == "SALE" and read.polygon.shape == (4, 2) and read.height == 20
+    boxes = detector.detect(rgb, read=False)  # horizontal and free-form boxes, unread
+    assert [b.polygon.tolist()[0] for b in boxes] == [[10, 10], [5, 50]]
