@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
-import torch
 from PIL import Image
 from structlog.contextvars import bound_contextvars
 
@@ -42,11 +41,12 @@ from .consumer import Delivery, RequestConsumer
 from .engine import BatchShape, GenerateJob, ImageEngine
 from .engine.inpaint import DiffusionInpainter
 from .eraser import TextEraser
-from .errors import InternalError, OutOfMemoryError, ZImageError
+from .errors import InternalError, ZImageError
 from .imaging import CONTENT_TYPES, encode_image
 from .inflight import InFlight
 from .ocr import make_detector
 from .producer import ResultProducer
+from .runner import JobOutcome, RunStats, run_batch
 from .schemas import (
     EraseTextRequest,
     ErrorInfo,
@@ -88,12 +88,10 @@ class Pending:
 
 @dataclass
 class BatchOutcome:
-    """What one pipeline call produced: each request's images, or the error for all."""
+    """What a batch produced: each request's images or error (``runner.run_batch``)."""
 
-    images: list[list[Image.Image]] | None
-    error: ZImageError | None
+    jobs: list[JobOutcome]
     started_at: float
-    inference_s: float
 
 
 @dataclass
@@ -152,6 +150,7 @@ class Worker:
             "followers": 0,
         }
         self.engine_busy_s = 0.0
+        self.run_stats = RunStats()  # timeouts and out-of-memory splits
 
     @property
     def engine(self) -> ImageEngine:
@@ -362,22 +361,20 @@ class Worker:
             first.width, first.height, first.num_inference_steps, first.guidance_scale
         )
         jobs = [p.job for p in batch.items]
+        default_budget = self._settings.inference_timeout_s
+        budgets = [p.request.timeout_s or default_budget for p in batch.items]
         started_wall, started = time.time(), time.perf_counter()
         loop = asyncio.get_running_loop()
-        images: list[list[Image.Image]] | None = None
-        error: ZImageError | None = None
         try:
-            images = await loop.run_in_executor(
-                self._engine_thread, self._engine.generate, jobs, shape
+            outcomes = await loop.run_in_executor(
+                self._engine_thread, run_batch, self._engine, jobs, shape, budgets, self.run_stats
             )
-        except torch.OutOfMemoryError as exc:
-            self._engine.free_memory()
-            error = OutOfMemoryError(f"out of device memory for {batch.images} images: {exc}")
-        except ZImageError as exc:
-            error = exc
         except Exception as exc:
-            log.exception("inference_failed")
-            error = InternalError(f"inference failed: {exc!r}")
+            error = exc if isinstance(exc, ZImageError) else None
+            if error is None:
+                log.exception("inference_failed")
+                error = InternalError(f"inference failed: {exc!r}")
+            outcomes = [JobOutcome(error=error) for _ in jobs]
         elapsed = time.perf_counter() - started
         self.engine_busy_s += elapsed
         self.stats["batches"] += 1
@@ -389,9 +386,9 @@ class Worker:
             width=shape.width,
             height=shape.height,
             seconds=round(elapsed, 3),
-            ok=error is None,
+            failed=sum(o.error is not None for o in outcomes),
         )
-        return BatchOutcome(images, error, started_wall, elapsed)
+        return BatchOutcome(outcomes, started_wall)
 
     # -- stage 3: store, remember, publish -----------------------------------------------
 
@@ -401,24 +398,22 @@ class Worker:
         with bound_contextvars(batch_id=batch_id):
             await asyncio.gather(
                 *(
-                    self._answer_batch_item(
-                        p, outcome, None if outcome.images is None else outcome.images[i]
-                    )
+                    self._answer_batch_item(p, outcome, outcome.jobs[i])
                     for i, p in enumerate(batch.items)
                 )
             )
             log.info("batch_answered", requests=len(batch))
 
     async def _answer_batch_item(
-        self, pending: Pending, outcome: BatchOutcome, images: list[Image.Image] | None
+        self, pending: Pending, outcome: BatchOutcome, job: JobOutcome
     ) -> None:
         request = pending.request
         with bound_contextvars(request_id=request.request_id):
-            answer = Answer(outcome.error, None)
+            answer = Answer(job.error, None)
             refs: list[ImageRef] = []
-            if images is not None:
+            if job.images is not None:
                 try:
-                    refs = await self._store_images(images)
+                    refs = await self._store_images(job.images)
                 except ZImageError as exc:
                     answer.error = exc
             if answer.error is None:
@@ -433,7 +428,7 @@ class Worker:
                 pending.arrived_at,
                 images=refs,
                 started_at=outcome.started_at,
-                inference_s=outcome.inference_s,
+                inference_s=job.seconds,
             )
             await self._publish(pending.delivery, result)
             await self._answer_followers(followers, answer)

@@ -39,6 +39,19 @@ log = structlog.get_logger(__name__)
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (step, total); raising aborts the call."""
 
+FaultHook = Callable[[str, int], None]
+"""Test seam: called as ("load", 0) before the weights are moved to the device, ("call",
+images) before each pipeline call and ("step", step) after each denoising step; raising
+there (``torch.OutOfMemoryError``, a sleep that runs a deadline out) injects a fault."""
+
+
+class DeadlineExceeded(Exception):
+    """A pipeline call was stopped between two denoising steps: its deadline passed."""
+
+    def __init__(self, steps_done: int) -> None:
+        super().__init__(f"deadline passed after {steps_done} denoising steps")
+        self.steps_done = steps_done
+
 
 @dataclass(frozen=True)
 class GenerateJob:
@@ -70,6 +83,9 @@ class LoadReport:
     attention_backend: str
     load_s: float
     warmup_s: float | None = None
+    #: where the weights live: "device", "model_cpu_offload" (GPU memory ran out at load)
+    #: or "cpu" (it ran out with offloading too)
+    placement: str = "device"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +99,7 @@ class ImageEngine:
         self._pipe: Any = None
         self._report: LoadReport | None = None
         self._device = "cpu"
+        self.fault_hook: FaultHook | None = None
 
     @property
     def report(self) -> LoadReport:
@@ -125,7 +142,7 @@ class ImageEngine:
                 )
         except (OSError, ValueError) as exc:
             raise ModelUnavailableError(f"cannot load model {settings.model!r}: {exc}") from exc
-        pipe.to(self._device)
+        placement = self._place(pipe)
         # Channels-last convolutions: on the CPU a single-image bf16 decode in NCHW is about
         # ten times slower (oneDNN), and on CUDA it is the layout the conv kernels prefer.
         pipe.vae.to(memory_format=torch.channels_last)
@@ -141,9 +158,39 @@ class ImageEngine:
             dtype=settings.dtype,
             attention_backend=backend,
             load_s=round(time.perf_counter() - started, 3),
+            placement=placement,
         )
         log.info("model_loaded", **self._report.as_dict())
         return self._report
+
+    def _place(self, pipe: Any) -> str:
+        """Move the weights to the device; when its memory runs out, fall back to model CPU
+        offload (weights on the host, each model moved over while it runs), then to the CPU."""
+        try:
+            self._fault("load", 0)
+            pipe.to(self._device)
+            return "device"
+        except torch.OutOfMemoryError as exc:
+            log.error("load_out_of_memory", device=self._device, error=str(exc)[:200])
+            pipe.to("cpu")
+            free_device_memory(self._device)
+        if self._device != "cpu":
+            try:
+                pipe.enable_model_cpu_offload(device=self._device)
+                log.warning("model_cpu_offload", device=self._device)
+                return "model_cpu_offload"
+            except torch.OutOfMemoryError as exc:
+                log.error("offload_out_of_memory", device=self._device, error=str(exc)[:200])
+                pipe.remove_all_hooks()
+                pipe.to("cpu")
+                free_device_memory(self._device)
+        log.warning("model_on_cpu", wanted=self._device)
+        self._device = "cpu"
+        return "cpu"
+
+    def _fault(self, where: str, value: int) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(where, value)
 
     def warm_up(self) -> LoadReport:
         """One small generation, so the first request pays no first-call costs."""
@@ -157,9 +204,17 @@ class ImageEngine:
         return self._report
 
     def generate(
-        self, jobs: list[GenerateJob], shape: BatchShape, on_step: StepCallback | None = None
+        self,
+        jobs: list[GenerateJob],
+        shape: BatchShape,
+        on_step: StepCallback | None = None,
+        deadline: float | None = None,
     ) -> list[list[Image.Image]]:
-        """Run one pipeline call for all ``jobs``; return each job's images in order."""
+        """Run one pipeline call for all ``jobs``; return each job's images in order.
+
+        ``deadline`` (``time.monotonic()``): past it, the call stops after the current
+        denoising step (or before the next image's decode) with ``DeadlineExceeded``.
+        """
         pipe = self._pipe
         if pipe is None:
             raise RuntimeError("the engine is not loaded; call load() first")
@@ -172,6 +227,7 @@ class ImageEngine:
             for i in range(job.num_images)
         ]
         # 3. Denoise all images in one call.
+        self._fault("call", len(generators))
         with self._attention_for([int(e.shape[0]) for e in prompt_embeds]):
             latents = pipe(
                 prompt=None,
@@ -183,10 +239,15 @@ class ImageEngine:
                 guidance_scale=shape.guidance_scale,
                 generator=generators,
                 output_type="latent",
-                callback_on_step_end=_step_callback(on_step, shape.num_inference_steps),
+                callback_on_step_end=self._step_callback(
+                    on_step, shape.num_inference_steps, deadline
+                ),
             ).images
         # 4. Decode image by image and hand each job its own images.
-        images = [self._decode(latent) for latent in latents]
+        images = []
+        for latent in latents:
+            _check(deadline, shape.num_inference_steps)
+            images.append(self._decode(latent))
         result, start = [], 0
         for job in jobs:
             result.append(images[start : start + job.num_images])
@@ -227,6 +288,20 @@ class ImageEngine:
         negative = negatives[0]
         return per_image, [negative] * len(per_image)
 
+    def _step_callback(
+        self, on_step: StepCallback | None, total: int, deadline: float | None
+    ) -> Callable[..., dict[str, Any]]:
+        # Raising here stops the denoising loop at once; setting the pipeline's
+        # ``_interrupt`` would still run the remaining bookkeeping and the VAE decode.
+        def callback(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            self._fault("step", step + 1)
+            if on_step is not None:
+                on_step(step + 1, total)
+            _check(deadline, step + 1)
+            return kwargs
+
+        return callback
+
     def _attention_for(self, caption_lengths: list[int]) -> _AttentionScope:
         backend = self.report.attention_backend
         # Flash kernels take no padding mask: such batches go through SDPA instead.
@@ -250,17 +325,9 @@ class _AttentionScope:
             self._transformer.set_attention_backend(self._usual)
 
 
-def _step_callback(
-    on_step: StepCallback | None, total: int
-) -> Callable[..., dict[str, Any]] | None:
-    if on_step is None:
-        return None
-
-    def callback(_pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        on_step(step + 1, total)
-        return kwargs
-
-    return callback
+def _check(deadline: float | None, steps_done: int) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded(steps_done)
 
 
 def _model_source(settings: EngineSettings) -> str:
