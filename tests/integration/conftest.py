@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -279,3 +280,17 @@ def worker_env(settings: Settings) -> dict[str, str]:
             )
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+async def start_worker_process(settings: Settings, log_path: Path) -> asyncio.subprocess.Process:
+    """``zimage-stream worker`` as a child process with these settings, its output in a file."""
+    with log_path.open("wb") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "zimage_stream.cli",
+            "worker",
+            env=worker_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )

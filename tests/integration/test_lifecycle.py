@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from tests.integration.conftest import KafkaIO, generate, running_worker, worker_env
+from tests.integration.conftest import (
+    KafkaIO,
+    generate,
+    running_worker,
+    start_worker_process,
+)
 from tests.integration.test_recovery import _wait_for_ids, _wait_for_results
 from zimage_stream.settings import Settings
 from zimage_stream.worker import Worker
@@ -40,19 +43,10 @@ async def test_sigterm_finishes_the_running_batch_commits_and_exits_zero(
             generate(request_id, f"item {i}", width=512, height=512, num_inference_steps=8),
             partition=0,
         )
-    with (tmp_path / "worker.log").open("wb") as log:
-        worker = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "zimage_stream.cli",
-            "worker",
-            env=worker_env(settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        await _wait_for_results(kafka_io, 1, timeout_s=120)
-        worker.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(worker.wait(), timeout=60)
+    worker = await start_worker_process(settings, tmp_path / "worker.log")
+    await _wait_for_results(kafka_io, 1, timeout_s=120)
+    worker.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(worker.wait(), timeout=60)
     assert code == 0, (tmp_path / "worker.log").read_text()[-2000:]
     text = (tmp_path / "worker.log").read_text()
     assert "worker_stopped" in text

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.integration.conftest import KafkaIO, generate, running_worker, worker_env
+from tests.integration.conftest import (
+    KafkaIO,
+    generate,
+    running_worker,
+    start_worker_process,
+)
 from zimage_stream.settings import Settings
 
 
@@ -42,21 +45,12 @@ async def test_killed_worker_requests_are_processed_after_restart(
             generate(request_id, f"product {i}", width=512, height=512, num_inference_steps=8),
             partition=0,
         )
-    with (tmp_path / "worker-a.log").open("wb") as log:
-        first = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "zimage_stream.cli",
-            "worker",
-            env=worker_env(settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            before = await _wait_for_results(kafka_io, 2, timeout_s=120)
-        finally:
-            first.send_signal(signal.SIGKILL)
-            await first.wait()
+    first = await start_worker_process(settings, tmp_path / "worker-a.log")
+    try:
+        before = await _wait_for_results(kafka_io, 2, timeout_s=120)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
     answered_before = {r["request_id"] for r in before}
     assert len(answered_before) < len(ids), "the kill came too late to test anything"
 
