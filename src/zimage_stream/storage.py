@@ -2,12 +2,18 @@
 
 Keys are content-addressed, ``images/<sha[:2]>/<sha256>.<ext>``, so reprocessing the same
 request writes the same objects and a repeat write is harmless. Both backends go through
-``obstore``, whose S3 client is a real one (signing, retries, multipart), so the S3 tests
-against a local moto server exercise the production code path.
+``obstore``, whose S3 client is a real one (signing, multipart), so the S3 tests against a
+local moto server exercise the production code path.
+
+A failed write is tried again with exponential backoff (``WRITE_ATTEMPTS`` in all, waits
+of ``BACKOFF_S``, doubling) before the request is answered ``storage_unavailable``
+(retriable). obstore's own S3 retries are off, so one policy applies to every backend
+and an outage costs a request seconds, not obstore's default three minutes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +32,8 @@ log = structlog.get_logger(__name__)
 
 # obstore's S3 "not found" is its own class, not a FileNotFoundError.
 _NOT_FOUND = (FileNotFoundError, NotFoundError)
+WRITE_ATTEMPTS = 4
+BACKOFF_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -40,8 +48,16 @@ class StoredObject:
 class Storage:
     """A content-addressed image store over one obstore backend."""
 
-    def __init__(self, store: Any, uri_prefix: str, root: Path | None = None) -> None:
+    def __init__(
+        self,
+        store: Any,
+        uri_prefix: str,
+        root: Path | None = None,
+        attempts: int = WRITE_ATTEMPTS,
+        backoff_s: float = BACKOFF_S,
+    ) -> None:
         self._store = store
+        self._attempts, self._backoff_s = max(1, attempts), backoff_s
         self._uri_prefix = uri_prefix.rstrip("/")
         #: the local folder for ``file://`` storage (None for S3)
         self.root = root
@@ -77,6 +93,7 @@ class Storage:
             bucket,
             prefix=prefix or None,
             client_options={"allow_http": allow_http, "timeout": "30s"},
+            retry_config={"max_retries": 0},  # put_image retries, for every backend alike
             **config,
         )
         uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
@@ -86,10 +103,24 @@ class Storage:
         """Store image bytes under their sha256; the same bytes always get the same URI."""
         sha = hashlib.sha256(data).hexdigest()
         key = f"images/{sha[:2]}/{sha}.{extension}"
-        try:
-            await obstore.put_async(self._store, key, data)
-        except Exception as exc:  # obstore raises its own hierarchy; all mean "not stored"
-            raise StorageUnavailableError(f"could not store {key}: {exc}") from exc
+        for attempt in range(1, self._attempts + 1):
+            try:
+                await obstore.put_async(self._store, key, data)
+                break
+            except Exception as exc:  # obstore raises its own hierarchy; all mean "not stored"
+                if attempt == self._attempts:
+                    raise StorageUnavailableError(
+                        f"could not store {key} after {attempt} attempts: {exc}"
+                    ) from exc
+                wait = self._backoff_s * 2 ** (attempt - 1)
+                log.warning(
+                    "storage_write_retry",
+                    key=key,
+                    attempt=attempt,
+                    wait_s=wait,
+                    error=str(exc)[:200],
+                )
+                await asyncio.sleep(wait)
         return StoredObject(uri=f"{self._uri_prefix}/{key}", sha256=sha, size_bytes=len(data))
 
     async def get(self, uri: str) -> bytes:

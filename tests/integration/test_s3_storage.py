@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import time
 
 import boto3
 import pytest
 from PIL import Image
+from structlog.testing import capture_logs
 
 from tests.integration.conftest import KafkaIO, generate, running_worker
 from zimage_stream.errors import StorageUnavailableError
@@ -105,3 +108,40 @@ async def test_missing_s3_objects_read_as_not_found(s3_endpoint: str, unique: st
     with pytest.raises(Exception) as info:
         await read_source(ImageSource(uri=missing), storage)
     assert getattr(info.value, "code", None) == "source_not_found"
+
+
+async def test_a_storage_outage_is_retried_with_backoff_then_reported(unique: str) -> None:
+    from moto.server import ThreadedMotoServer
+
+    from zimage_stream.broker import free_port
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    storage = _storage(endpoint, f"outage-{unique}")
+    server.stop()  # S3 goes away
+    with capture_logs() as logs:
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailableError) as info:
+            await storage.put_image(b"lost while down", "png")
+        waited = time.monotonic() - started
+    retries = [e for e in logs if e["event"] == "storage_write_retry"]
+    assert [e["attempt"] for e in retries] == [1, 2, 3]
+    assert waited >= 0.25 + 0.5 + 1.0  # the backoff doubles
+    assert info.value.retriable and "after 4 attempts" in info.value.message
+
+    # S3 comes back while a write is being retried: the write lands.
+    async def come_back() -> None:
+        await asyncio.sleep(0.4)
+        server.start()
+        _bucket(endpoint, f"outage-{unique}")  # harmless if moto kept it
+
+    try:
+        back = asyncio.create_task(come_back())
+        stored = await storage.put_image(b"stored after the outage", "png")
+        await back
+        key = stored.uri.removeprefix(f"s3://outage-{unique}/")
+        assert _object(endpoint, f"outage-{unique}", key) == b"stored after the outage"
+    finally:
+        server.stop()
