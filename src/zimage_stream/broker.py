@@ -40,8 +40,17 @@ def tansu_binary() -> str:
 class EmbeddedBroker:
     """A Tansu broker process on 127.0.0.1; use as a context manager."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        storage_engine: str = "memory://tansu/",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """``storage_engine``: Tansu's ``memory://tansu/`` (the default; nothing survives a
+        restart), ``s3://bucket/`` (with ``AWS_*`` in ``env``) or ``postgres://...``."""
         self.port = port or free_port()
+        self._storage_engine, self._env = storage_engine, env or {}
         self._log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: object | None = None
@@ -55,9 +64,9 @@ class EmbeddedBroker:
             return self
         url = f"tcp://127.0.0.1:{self.port}"
         log_path = self._log_path or Path(tempfile.gettempdir()) / f"zimage-tansu-{self.port}.log"
-        log_file = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        log_file = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._log_file = log_file
-        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self._env}
         self._process = subprocess.Popen(
             [
                 tansu_binary(),
@@ -67,7 +76,7 @@ class EmbeddedBroker:
                 "--advertised-listener-url",
                 url,
                 "--storage-engine",
-                "memory://tansu/",
+                self._storage_engine,
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
