@@ -10,6 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tqdm import tqdm
 
+from .kafka_security import security_options
 from .schemas import ResultEvent
 from .settings import KafkaSettings
 
@@ -31,6 +32,7 @@ class ResultWaiter:
             bootstrap_servers=self._settings.bootstrap_servers,
             enable_auto_commit=False,
             group_id=None,
+            **security_options(self._settings),
         )
         await consumer.start()
         partitions = await _partitions(consumer, self._settings.results_topic)
@@ -88,7 +90,9 @@ async def publish_request(
     """Publish one request event keyed by its request id."""
     import json
 
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, acks="all", **security_options(settings)
+    )
     await producer.start()
     try:
         await producer.send_and_wait(

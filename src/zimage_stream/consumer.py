@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
+from .kafka_security import security_options
 from .offsets import OffsetTracker
 from .settings import KafkaSettings
 
@@ -50,7 +51,7 @@ class RequestConsumer:
 
     def __init__(self, settings: KafkaSettings, **client_options: Any) -> None:
         self._settings = settings
-        self._client_options = client_options
+        self._client_options = {**security_options(settings), **client_options}
         self._consumer: AIOKafkaConsumer | None = None
         self._trackers: dict[TopicPartition, OffsetTracker] = {}
         self._paused = False

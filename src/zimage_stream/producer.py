@@ -8,6 +8,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer
 
+from .kafka_security import security_options
 from .schemas import ResultEvent
 from .settings import KafkaSettings
 
@@ -19,7 +20,7 @@ class ResultProducer:
 
     def __init__(self, settings: KafkaSettings, **client_options: Any) -> None:
         self._settings = settings
-        self._client_options = client_options
+        self._client_options = {**security_options(settings), **client_options}
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:

@@ -9,6 +9,7 @@ import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from .kafka_security import security_options
 from .settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
@@ -16,7 +17,10 @@ log = structlog.get_logger(__name__)
 
 async def ensure_topics(settings: KafkaSettings, partitions: int, **client_options: Any) -> None:
     """Create the requests, results and DLQ topics that are missing (existing ones are kept)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_options)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers,
+        **{**security_options(settings), **client_options},
+    )
     await admin.start()
     try:
         existing = set(await admin.list_topics())
