@@ -34,6 +34,7 @@ def make_settings(**overrides: object) -> Settings:
         "batch_window_ms": 50,
         "redis_url": "",
         "shutdown_grace_s": 30.0,
+        "http_port": -1,  # two workers in one process would want the same port
     }
     base.update(overrides)
     return Settings(_env_file=None, **base)  # type: ignore[call-arg]

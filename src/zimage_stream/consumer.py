@@ -98,6 +98,16 @@ class RequestConsumer:
         """Records read and not yet answered, over all assigned partitions."""
         return sum(len(t) for t in self._trackers.values())
 
+    def lag(self) -> dict[int, int]:
+        """Records behind the partition's end, per assigned partition (from the last fetch)."""
+        consumer = self._require()
+        lag = {}
+        for tp, tracker in self._trackers.items():
+            end = consumer.highwater(tp)
+            if end is not None:
+                lag[tp.partition] = max(0, end - tracker.position())
+        return lag
+
     async def fetch(self, timeout_ms: int, max_records: int) -> list[Delivery]:
         consumer = self._require()
         batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)

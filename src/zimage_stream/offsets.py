@@ -35,11 +35,15 @@ class OffsetTracker:
         """The record at ``offset`` has its result (or dead-letter) acknowledged."""
         self._pending.discard(offset)
 
-    def committable(self) -> int | None:
-        """The offset to commit (the next one to read after a restart), or None if nothing new."""
+    def position(self) -> int:
+        """The lowest offset not answered yet (everything before it is answered)."""
         while self._heap and self._heap[0] not in self._pending:
             heapq.heappop(self._heap)
-        position = self._heap[0] if self._heap else self._highest_seen + 1
+        return self._heap[0] if self._heap else self._highest_seen + 1
+
+    def committable(self) -> int | None:
+        """The offset to commit (the next one to read after a restart), or None if nothing new."""
+        position = self.position()
         if position <= 0 or position == self._committed:
             return None
         return position

@@ -151,6 +151,8 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=64, ge=1)
     inference_timeout_s: float = Field(default=30.0, gt=0, le=300)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # /metrics, /healthz and /readyz; -1 turns the endpoint off, 0 picks a free port.
+    http_port: int = Field(default=8080, ge=-1, le=65535)
 
     @property
     def kafka(self) -> KafkaSettings:

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 
 import structlog
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST
 from structlog.contextvars import bound_contextvars
 
 from .batcher import Batch, Batcher
@@ -44,6 +45,7 @@ from .eraser import TextEraser
 from .errors import InternalError, ZImageError
 from .imaging import CONTENT_TYPES, encode_image
 from .inflight import InFlight
+from .metrics import HttpEndpoint, WorkerMetrics, json_response
 from .ocr import make_detector
 from .producer import ResultProducer
 from .runner import JobOutcome, RunStats, run_batch
@@ -151,10 +153,42 @@ class Worker:
         }
         self.engine_busy_s = 0.0
         self.run_stats = RunStats()  # timeouts and out-of-memory splits
+        self.started_monotonic = time.monotonic()
+        self.metrics = WorkerMetrics(self)
+        self.http: HttpEndpoint | None = None
+        if settings.http_port >= 0:
+            self.http = HttpEndpoint(
+                settings.http_port,
+                {"/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz},
+            )
 
     @property
     def engine(self) -> ImageEngine:
         return self._engine
+
+    # -- what /metrics, /healthz and /readyz show -----------------------------------------
+
+    def cache_counts(self) -> dict[str, int]:
+        return {"hits": self.cache.stats.hits, "misses": self.cache.stats.misses}
+
+    def consumer_lag(self) -> dict[int, int]:
+        return self._consumer.lag() if self._consumer is not None else {}
+
+    def in_flight(self) -> int:
+        return self._consumer.in_flight if self._consumer is not None else 0
+
+    def _metrics(self) -> tuple[int, str, bytes]:
+        return 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
+
+    def _healthz(self) -> tuple[int, str, bytes]:
+        return json_response(200, {"alive": True})
+
+    def _readyz(self) -> tuple[int, str, bytes]:
+        """Ready once the model is loaded and warm and the group is joined."""
+        report = self._engine.report.as_dict() if self._engine.loaded else None
+        ready = self.ready.is_set() and not self._stopping.is_set()
+        body = {"ready": ready, "broker_connected": self._consumer is not None, "model": report}
+        return json_response(200 if ready else 503, body)
 
     def stop(self) -> None:
         """Ask the worker to stop: no new fetches; the batch on the device is finished."""
@@ -164,6 +198,15 @@ class Worker:
 
     async def run(self) -> None:
         """Load and warm the model, join the group, and serve until ``stop()``."""
+        if self.http is not None:
+            await self.http.start()  # /healthz answers while the model loads
+        try:
+            await self._serve()
+        finally:
+            if self.http is not None:
+                await self.http.stop()
+
+    async def _serve(self) -> None:
         await self._load_engine()
         kafka = self._settings.kafka
         if kafka.create_topics:
@@ -376,6 +419,8 @@ class Worker:
                 error = InternalError(f"inference failed: {exc!r}")
             outcomes = [JobOutcome(error=error) for _ in jobs]
         elapsed = time.perf_counter() - started
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.inference_seconds.observe(elapsed)
         self.engine_busy_s += elapsed
         self.stats["batches"] += 1
         self.stats["batch_requests"] += len(batch)
@@ -622,6 +667,8 @@ class Worker:
     ) -> ResultEvent:
         now = time.time()
         queued = (started_at if started_at is not None else now) - arrived_at
+        if started_at is not None:
+            self.metrics.queue_seconds.observe(max(0.0, queued))
         return ResultEvent(
             request_id=request_id,
             task=task,
@@ -655,6 +702,7 @@ class Worker:
             return
         self._require_consumer().done(delivery)
         self.stats["results"] += 1
+        self.metrics.results.labels(result.task or "unknown", result.status).inc()
         self._commit_wanted.set()
 
     async def _committer(self) -> None:

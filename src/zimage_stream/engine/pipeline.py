@@ -102,6 +102,10 @@ class ImageEngine:
         self.fault_hook: FaultHook | None = None
 
     @property
+    def loaded(self) -> bool:
+        return self._report is not None
+
+    @property
     def report(self) -> LoadReport:
         if self._report is None:
             raise RuntimeError("the engine is not loaded; call load() first")

@@ -1,0 +1,99 @@
+"""The worker's HTTP endpoint: /healthz while loading, /readyz only once warm, and
+/metrics series that move during a run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+from tests.integration.conftest import KafkaIO, generate, running_worker
+from zimage_stream.settings import Settings
+from zimage_stream.worker import Worker
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    return await asyncio.to_thread(_get, port, path)
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
+    for _ in range(int(timeout_s / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out waiting")
+
+
+def _value(metrics: str, series: str) -> float:
+    match = re.search(rf"^{re.escape(series)} ([0-9.e+-]+)$", metrics, re.M)
+    assert match, f"{series} not in /metrics"
+    return float(match.group(1))
+
+
+async def test_readyz_turns_ready_only_after_warm_up(settings: Settings) -> None:
+    settings = settings.model_copy(update={"http_port": 0})
+    worker = Worker(settings)
+    # Warm-up runs 2 denoising steps: make each take a second, to look at it meanwhile.
+    worker.engine.fault_hook = lambda where, _: time.sleep(1.0) if where == "step" else None
+    run = asyncio.create_task(worker.run())
+    try:
+        await _until(lambda: worker.http is not None and worker.http._server is not None)
+        assert worker.http is not None
+        port = worker.http.port
+        await _until(lambda: worker.engine.loaded)
+        assert (await get(port, "/healthz"))[0] == 200  # alive while warming up
+        status, body = await get(port, "/readyz")
+        assert status == 503 and json.loads(body)["ready"] is False
+        await asyncio.wait_for(worker.ready.wait(), timeout=120)
+        status, body = await get(port, "/readyz")
+        report = json.loads(body)
+        assert status == 200 and report["ready"] is True and report["broker_connected"] is True
+        assert report["model"]["model_id"] == "tiny" and report["model"]["warmup_s"] >= 2.0
+        assert (await get(port, "/nothing"))[0] == 404
+    finally:
+        worker.stop()
+        await asyncio.wait_for(run, timeout=60)
+
+
+async def test_metrics_expose_the_named_series_and_they_move(
+    settings: Settings, kafka_io: KafkaIO
+) -> None:
+    settings = settings.model_copy(update={"http_port": 0})
+    async with running_worker(settings) as worker:
+        assert worker.http is not None
+        port = worker.http.port
+        _, before = await get(port, "/metrics")
+        for index in range(3):
+            await kafka_io.send(generate(f"m-{index}", f"a stool {index}"))
+        await kafka_io.results(3)
+        await kafka_io.send(generate("m-repeat", "a stool 0"))  # same content: a cache hit
+        await kafka_io.send(b"not json")  # dead-lettered
+        await kafka_io.results(5)
+        await asyncio.sleep(0.2)
+        status, after = await get(port, "/metrics")
+    assert status == 200
+    succeeded = 'zimage_requests_total{status="succeeded",task="generate"}'
+    assert _value(after, succeeded) == 4
+    assert _value(after, 'zimage_requests_total{status="rejected",task="unknown"}') == 1
+    assert _value(after, "zimage_cache_hits_total") >= 1 > _value(before, "zimage_cache_hits_total")
+    assert _value(after, "zimage_cache_misses_total") >= 3
+    assert _value(after, "zimage_dlq_messages_total") == 1
+    assert _value(after, "zimage_batch_size_count") >= 1
+    assert _value(after, "zimage_inference_seconds_sum") > 0
+    assert _value(after, "zimage_queue_seconds_count") >= 3
+    assert 0 < _value(after, "zimage_device_busy_fraction") <= 1
+    lags = re.findall(r'^zimage_consumer_lag\{partition="(\d)"\} (\S+)$', after, re.M)
+    assert lags and all(float(value) == 0 for _, value in lags)  # all answered
+    assert _value(after, "zimage_in_flight") == 0
