@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": _schema,
         "demo": _demo,
         "erase": _erase,
+        "replay": _replay,
     }
     try:
         return int(handler[args.command](args) or 0)
@@ -56,6 +58,29 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the cleaned image (.png keeps transparency)",
     )
     erase.add_argument("--engine", choices=["auto", "classical", "diffusion"], default="auto")
+    replay = sub.add_parser(
+        "replay", help="re-publish requests from a time or offset range of the requests topic"
+    )
+    replay.add_argument("--since", type=_when, help="ISO time, or a duration ago: 30m, 2h, 1d")
+    replay.add_argument("--until", type=_when, help="ISO time or duration ago (default: now)")
+    replay.add_argument(
+        "--from-offset",
+        type=_partition_offset,
+        action="append",
+        metavar="PARTITION:OFFSET",
+        help="first offset to replay in a partition (repeat per partition)",
+    )
+    replay.add_argument(
+        "--to-offset",
+        type=_partition_offset,
+        action="append",
+        metavar="PARTITION:OFFSET",
+        help="offset to stop before in a partition (repeat per partition)",
+    )
+    replay.add_argument(
+        "--force", action="store_true", help="compute again instead of answering from the cache"
+    )
+    replay.add_argument("--dry-run", action="store_true", help="only count what would be sent")
     demo = sub.add_parser("demo", help="run the whole flow on this machine, no services needed")
     demo.add_argument(
         "--model",
@@ -210,6 +235,66 @@ def _erase(args: argparse.Namespace) -> int:
                 "seconds": round(result.seconds, 3),
             },
             ensure_ascii=False,
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _when(text: str) -> datetime:
+    """An ISO 8601 time (UTC if it names no zone), or a duration ago: ``90s``, ``30m``,
+    ``2h``, ``1d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return datetime.now(UTC) - timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO time nor a duration like 30m"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _partition_offset(text: str) -> tuple[int, int]:
+    partition, _, offset = text.partition(":")
+    if not (partition.isdigit() and offset.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PARTITION:OFFSET, e.g. 0:120")
+    return int(partition), int(offset)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from .replay import replay
+
+    configure_logging(json_logs=False, level="WARNING")
+    by_time = args.since is not None or args.until is not None
+    by_offset = args.from_offset is not None or args.to_offset is not None
+    if by_time == by_offset:
+        print("error: give --since/--until or --from-offset/--to-offset", file=sys.stderr)
+        return 2
+    summary = asyncio.run(
+        replay(
+            Settings().kafka,
+            since=args.since,
+            until=args.until,
+            from_offsets=dict(args.from_offset) if args.from_offset else None,
+            to_offsets=dict(args.to_offset) if args.to_offset else None,
+            force=args.force,
+            dry_run=args.dry_run,
+            progress=sys.stderr.isatty(),
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "dry_run": args.dry_run,
+                "force": args.force,
+                "ranges": {str(p): list(r) for p, r in sorted(summary.ranges.items())},
+                "requests_in_range": summary.total,
+                "published": summary.published,
+                "by_task": dict(summary.by_task),
+                "skipped_tombstones": summary.skipped_tombstones,
+            },
             indent=2,
         )
     )

@@ -48,6 +48,7 @@ from .inflight import InFlight
 from .metrics import HttpEndpoint, WorkerMetrics, json_response
 from .ocr import make_detector
 from .producer import ResultProducer
+from .replay import FORCE_HEADER, REPLAY_HEADER
 from .runner import JobOutcome, RunStats, run_batch
 from .schemas import (
     EraseTextRequest,
@@ -69,7 +70,13 @@ from .topics import ensure_topics
 
 log = structlog.get_logger(__name__)
 
-_PASSED_HEADERS = ("traceparent",)
+_PASSED_HEADERS = ("traceparent", REPLAY_HEADER)
+
+
+def _forced(delivery: Delivery) -> bool:
+    """A forced replay (``zimage-stream replay --force``): compute again, skip the cache."""
+    return any(k == FORCE_HEADER and v == b"1" for k, v in delivery.headers)
+
 
 #: what produces ``erase_text`` images with the classical engine
 CLASSICAL_MODEL = ModelInfo(
@@ -302,8 +309,9 @@ class Worker:
     async def _route(self, pending: Pending) -> None:
         """Answer from the cache, or join identical work in flight, or batch it."""
         key = pending.content_key
+        forced = _forced(pending.delivery)
         with bound_contextvars(request_id=pending.request.request_id):
-            entry = await self._cached(pending.request.request_id, key)
+            entry = None if forced else await self._cached(pending.request.request_id, key)
             if entry is not None:
                 await self._answer_from(pending, entry, remember=False)
                 return
@@ -317,7 +325,7 @@ class Worker:
             self._locked.add(key)
             # The result may have landed between the lookup and the lock (another worker
             # finished just then): look once more before computing it again.
-            landed = await self.cache.peek(key)
+            landed = None if forced else await self.cache.peek(key)
             if landed is not None and await self._objects_exist(landed):
                 await self._answer_from(pending, landed, remember=True)
                 return
@@ -550,7 +558,7 @@ class Worker:
             started_wall, started = time.time(), time.perf_counter()
             entry, cache_hit, error = None, False, None
             try:
-                entry, cache_hit = await self._erase_or_recall(request)
+                entry, cache_hit = await self._erase_or_recall(request, _forced(delivery))
             except ZImageError as exc:
                 error = exc
             except Exception as exc:
@@ -570,7 +578,9 @@ class Worker:
             )
             await self._publish(delivery, result)
 
-    async def _erase_or_recall(self, request: EraseTextRequest) -> tuple[CacheEntry, bool]:
+    async def _erase_or_recall(
+        self, request: EraseTextRequest, forced: bool = False
+    ) -> tuple[CacheEntry, bool]:
         loop = asyncio.get_running_loop()
         params = request.params
         source = await read_source(params.source, self._storage)
@@ -579,7 +589,7 @@ class Worker:
         model = self._engine.model_info if engine == "diffusion" else CLASSICAL_MODEL
         source_sha = hashlib.sha256(source.data).hexdigest()
         key = erase_content_key(source_sha, list(params.languages), engine, model)
-        cached = await self._cached(request.request_id, key)
+        cached = None if forced else await self._cached(request.request_id, key)
         if cached is not None:
             return cached, True
         running = self._erasing.get(key)

@@ -294,3 +294,19 @@ async def start_worker_process(settings: Settings, log_path: Path) -> asyncio.su
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+async def run_cli(settings: Settings, *args: str, timeout_s: float = 180) -> tuple[int, str, str]:
+    """``zimage-stream ARGS`` in a child process with these settings: (code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "zimage_stream.cli",
+        *args,
+        env=worker_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import running_worker, worker_env
+from tests.integration.conftest import run_cli, running_worker
 from zimage_stream.settings import Settings
 
 CLI = [sys.executable, "-m", "zimage_stream.cli"]
@@ -28,8 +27,8 @@ def test_schema_prints_both_event_schemas() -> None:
 
 async def test_submit_wait_prints_the_result(settings: Settings) -> None:
     async with running_worker(settings):
-        process = await asyncio.create_subprocess_exec(
-            *CLI,
+        code, stdout, stderr = await run_cli(
+            settings,
             "submit",
             "a walnut cutting board",
             "--style",
@@ -47,12 +46,8 @@ async def test_submit_wait_prints_the_result(settings: Settings) -> None:
             "--wait",
             "--timeout",
             "120",
-            env=worker_env(settings),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
         )
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=180)
-    assert process.returncode == 0, stderr.decode()
+    assert code == 0, stderr
     result = json.loads(stdout)
     assert result["request_id"] == "cli-1" and result["status"] == "succeeded"
     assert len(result["images"]) == 2
