@@ -58,6 +58,7 @@ def bench_settings(bootstrap: str, **overrides: object) -> Settings:
         "results_topic": f"bench-res-{folder.name}",
         "dlq_topic": f"bench-dlq-{folder.name}",
         "group_id": f"bench-{folder.name}",
+        "http_port": -1,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -304,7 +304,8 @@ def _replay(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    overrides: dict[str, Any] = {"model": args.model, "redis_url": ""}
+    # No HTTP endpoint: the demo is one request, and port 8080 may belong to a real worker.
+    overrides: dict[str, Any] = {"model": args.model, "redis_url": "", "http_port": -1}
     if args.output:
         overrides["storage_url"] = str(Path(args.output).resolve())
     settings = Settings(**overrides)
