@@ -47,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     _request_arguments(submit)
     submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
     submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
-    sub.add_parser("schema", help="print the JSON Schemas of the events")
+    schema = sub.add_parser("schema", help="print the JSON Schemas of the events")
+    schema.add_argument(
+        "--asyncapi", action="store_true", help="print the AsyncAPI 3 document of the topics"
+    )
     erase = sub.add_parser("erase", help="erase the text in one local image")
     erase.add_argument("image", type=Path)
     erase.add_argument(
@@ -140,8 +143,11 @@ def generate_request(
     }
 
 
-def _schema(_args: argparse.Namespace) -> int:
-    json.dump(json_schemas(), sys.stdout, indent=2)
+def _schema(args: argparse.Namespace) -> int:
+    from .asyncapi import asyncapi_document
+
+    document = asyncapi_document() if args.asyncapi else json_schemas()
+    json.dump(document, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
 
