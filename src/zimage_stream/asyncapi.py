@@ -8,7 +8,7 @@ import copy
 from typing import Any
 
 from . import __version__
-from .schemas import json_schemas
+from .schemas import ProgressEvent, json_schemas
 from .settings import KafkaSettings
 
 _KEY = {"type": "string", "description": "the request_id (results: the request's key)"}
@@ -18,12 +18,14 @@ def asyncapi_document(settings: KafkaSettings | None = None) -> dict[str, Any]:
     settings = settings or KafkaSettings()
     schemas = json_schemas()
     request, result = copy.deepcopy(schemas["request"]), copy.deepcopy(schemas["result"])
+    progress = ProgressEvent.model_json_schema()
     components: dict[str, Any] = {}
-    for schema in (request, result):
+    for schema in (request, result, progress):
         # Hoist pydantic's local definitions to components, and point references there.
         components.update(schema.pop("$defs", {}))
     components["RequestEvent"] = request
     components["ResultEvent"] = result
+    components["ProgressEvent"] = progress
     components = _rebase(components)
     replay_headers = {
         "type": "object",
@@ -84,6 +86,11 @@ def asyncapi_document(settings: KafkaSettings | None = None) -> dict[str, Any]:
                 "address": settings.results_topic,
                 "messages": {"result": {"$ref": "#/components/messages/Result"}},
             },
+            "progress": {
+                # null: the topic is optional and named by ZIMAGE_PROGRESS_TOPIC
+                "address": settings.progress_topic or None,
+                "messages": {"progress": {"$ref": "#/components/messages/Progress"}},
+            },
             "deadLetters": {
                 "address": settings.dlq_topic,
                 "messages": {"deadLetter": {"$ref": "#/components/messages/DeadLetter"}},
@@ -99,6 +106,11 @@ def asyncapi_document(settings: KafkaSettings | None = None) -> dict[str, Any]:
                 "action": "receive",
                 "channel": {"$ref": "#/channels/results"},
                 "summary": "Result subscribers read one event per processing attempt",
+            },
+            "receiveProgress": {
+                "action": "receive",
+                "channel": {"$ref": "#/channels/progress"},
+                "summary": "Denoising steps of a request, throttled (submit --wait shows them)",
             },
             "receiveDeadLetter": {
                 "action": "receive",
@@ -117,6 +129,11 @@ def asyncapi_document(settings: KafkaSettings | None = None) -> dict[str, Any]:
                 "Result": {
                     "name": "Result",
                     "payload": {"$ref": "#/components/schemas/ResultEvent"},
+                    "bindings": {"kafka": {"key": _KEY}},
+                },
+                "Progress": {
+                    "name": "Progress",
+                    "payload": {"$ref": "#/components/schemas/ProgressEvent"},
                     "bindings": {"kafka": {"key": _KEY}},
                 },
                 "DeadLetter": {

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tqdm import tqdm
 
 from .kafka_security import security_options
-from .schemas import ResultEvent
+from .schemas import ProgressEvent, ResultEvent
 from .settings import KafkaSettings
 
 
@@ -27,7 +27,8 @@ class ResultWaiter:
         self._consumer: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
-        """Position at the end of every results partition (call before publishing)."""
+        """Position at the end of every results (and progress) partition; call before
+        publishing."""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._settings.bootstrap_servers,
             enable_auto_commit=False,
@@ -36,6 +37,8 @@ class ResultWaiter:
         )
         await consumer.start()
         partitions = await _partitions(consumer, self._settings.results_topic)
+        if self._settings.progress_topic:
+            partitions += await _partitions(consumer, self._settings.progress_topic)
         consumer.assign(partitions)
         await consumer.seek_to_end(*partitions)
         for tp in partitions:
@@ -50,14 +53,17 @@ class ResultWaiter:
     async def wait_for(
         self, request_id: str, timeout_s: float, show_progress: bool = False
     ) -> ResultEvent:
-        """The first result for ``request_id``; raises ``TimeoutError`` after ``timeout_s``."""
+        """The first result for ``request_id``; raises ``TimeoutError`` after ``timeout_s``.
+
+        With a progress topic, the bar shows the request's denoising steps as they come.
+        """
         assert self._consumer is not None, "call start() first"
         deadline = time.monotonic() + timeout_s
+        key = request_id.encode()
         bar = tqdm(
             total=None,
-            desc=f"waiting for {request_id}",
-            unit="s",
-            bar_format="{desc}: {elapsed}",
+            desc=request_id,
+            unit="step",
             disable=not show_progress,
             leave=False,
         )
@@ -65,10 +71,15 @@ class ResultWaiter:
             while time.monotonic() < deadline:
                 batches = await self._consumer.getmany(timeout_ms=200)
                 bar.update(0)
-                for records in batches.values():
+                for tp, records in batches.items():
                     for record in records:
-                        if record.key == request_id.encode() and record.value is not None:
+                        if record.key != key or record.value is None:
+                            continue
+                        if tp.topic == self._settings.results_topic:
                             return ResultEvent.model_validate_json(record.value)
+                        progress = ProgressEvent.model_validate_json(record.value)
+                        bar.total = progress.total
+                        bar.update(progress.step - bar.n)
         finally:
             bar.close()
         raise TimeoutError(f"no result for {request_id} within {timeout_s:.0f} s")

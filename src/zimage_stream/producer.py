@@ -9,7 +9,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 
 from .kafka_security import security_options
-from .schemas import ResultEvent
+from .schemas import ProgressEvent, ResultEvent
 from .settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
@@ -56,6 +56,15 @@ class ResultProducer:
         if result.request_id is not None:
             key = result.request_id.encode()
         await self._send(self._settings.results_topic, key, result.to_bytes(), headers or [])
+
+    async def publish_progress(self, event: ProgressEvent) -> None:
+        """Best effort: a lost progress event only makes a progress bar skip."""
+        await self._send(
+            self._settings.progress_topic,
+            event.request_id.encode(),
+            event.model_dump_json().encode(),
+            [],
+        )
 
     async def publish_results(self, items: list[tuple[ResultEvent, bytes | None]]) -> None:
         """Publish several results concurrently; returns when the broker acked all of them."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -48,8 +49,12 @@ def run_batch(
     shape: BatchShape,
     budgets_s: list[float],
     stats: RunStats | None = None,
+    on_step: Callable[[list[int], int, int], None] | None = None,
 ) -> list[JobOutcome]:
-    """Each job's outcome, in order. Exceptions other than the two handled here propagate."""
+    """Each job's outcome, in order. Exceptions other than the two handled here propagate.
+
+    ``on_step(job indices, step, total)`` is called after each denoising step of a call.
+    """
     stats = stats or RunStats()
     started = time.monotonic()
     deadlines = [started + budget for budget in budgets_s]
@@ -63,7 +68,10 @@ def run_batch(
         stats.calls += 1
         try:
             images = engine.generate(
-                [jobs[i] for i in live], shape, deadline=min(deadlines[i] for i in live)
+                [jobs[i] for i in live],
+                shape,
+                on_step=None if on_step is None else _for_jobs(on_step, live),
+                deadline=min(deadlines[i] for i in live),
             )
         except DeadlineExceeded as exc:
             engine.free_memory()
@@ -91,6 +99,12 @@ def run_batch(
         for index, job_images in zip(live, images, strict=True):
             outcomes[index].images, outcomes[index].seconds = job_images, done
     return outcomes
+
+
+def _for_jobs(
+    on_step: Callable[[list[int], int, int], None], jobs: list[int]
+) -> Callable[[int, int], None]:
+    return lambda step, total: on_step(jobs, step, total)
 
 
 def _expire(

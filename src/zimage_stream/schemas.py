@@ -173,6 +173,16 @@ class Timings(BaseModel):
 Status = Literal["succeeded", "failed", "rejected", "timed_out"]
 
 
+class ProgressEvent(BaseModel):
+    """A request's denoising progress (on ``ZIMAGE_PROGRESS_TOPIC``, keyed by request_id)."""
+
+    schema_version: Literal[1] = 1
+    request_id: str
+    step: int
+    total: int
+    emitted_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
 class ResultEvent(BaseModel):
     """The answer to one processing attempt of one request."""
 

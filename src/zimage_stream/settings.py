@@ -37,6 +37,7 @@ class KafkaSettings(_Frozen):
     requests_topic: str = "zimage.requests"
     results_topic: str = "zimage.results"
     dlq_topic: str = "zimage.requests.dlq"
+    progress_topic: str = ""
     group_id: str = "zimage-workers"
     client_id: str = "zimage-stream"
     max_message_bytes: int = 16 * 1024 * 1024
@@ -98,6 +99,8 @@ class Settings(BaseSettings):
     requests_topic: str = "zimage.requests"
     results_topic: str = "zimage.results"
     dlq_topic: str = "zimage.requests.dlq"
+    # Step progress events, keyed by request_id (empty = none are sent).
+    progress_topic: str = ""
     group_id: str = "zimage-workers"
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     create_topics: bool = True

@@ -25,6 +25,7 @@ async def ensure_topics(settings: KafkaSettings, partitions: int, **client_optio
     try:
         existing = set(await admin.list_topics())
         wanted = [settings.requests_topic, settings.results_topic, settings.dlq_topic]
+        wanted += [settings.progress_topic] if settings.progress_topic else []
         missing = [NewTopic(t, partitions, 1) for t in wanted if t not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first

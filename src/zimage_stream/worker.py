@@ -56,6 +56,7 @@ from .schemas import (
     GenerateRequest,
     ImageRef,
     ModelInfo,
+    ProgressEvent,
     RequestParseError,
     ResultEvent,
     TextRegion,
@@ -71,6 +72,7 @@ from .topics import ensure_topics
 log = structlog.get_logger(__name__)
 
 _PASSED_HEADERS = ("traceparent", REPLAY_HEADER)
+PROGRESS_INTERVAL_S = 0.25
 
 
 def _forced(delivery: Delivery) -> bool:
@@ -418,7 +420,14 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             outcomes = await loop.run_in_executor(
-                self._engine_thread, run_batch, self._engine, jobs, shape, budgets, self.run_stats
+                self._engine_thread,
+                run_batch,
+                self._engine,
+                jobs,
+                shape,
+                budgets,
+                self.run_stats,
+                self._progress_reporter(batch, loop),
             )
         except Exception as exc:
             error = exc if isinstance(exc, ZImageError) else None
@@ -442,6 +451,35 @@ class Worker:
             failed=sum(o.error is not None for o in outcomes),
         )
         return BatchOutcome(outcomes, started_wall)
+
+    def _progress_reporter(
+        self, batch: Batch[Pending], loop: asyncio.AbstractEventLoop
+    ) -> Callable[[list[int], int, int], None] | None:
+        """Step progress for ``ZIMAGE_PROGRESS_TOPIC``, throttled to one event per
+        ``PROGRESS_INTERVAL_S`` per call (the first and the last step always go)."""
+        if not self._settings.progress_topic:
+            return None
+        request_ids = [p.request.request_id for p in batch.items]
+        last = [0.0]
+
+        def report(jobs: list[int], step: int, total: int) -> None:  # on the engine thread
+            now = time.monotonic()
+            if step not in (1, total) and now - last[0] < PROGRESS_INTERVAL_S:
+                return
+            last[0] = now
+            events = [
+                ProgressEvent(request_id=request_ids[i], step=step, total=total) for i in jobs
+            ]
+            loop.call_soon_threadsafe(self._spawn, self._publish_progress(events))
+
+        return report
+
+    async def _publish_progress(self, events: list[ProgressEvent]) -> None:
+        producer = self._require_producer()
+        try:
+            await asyncio.gather(*(producer.publish_progress(event) for event in events))
+        except Exception as exc:  # progress is best effort
+            log.warning("progress_not_published", error=repr(exc))
 
     # -- stage 3: store, remember, publish -----------------------------------------------
 
