@@ -153,6 +153,14 @@ class ErrorInfo(BaseModel):
     retriable: bool
 
 
+class Provenance(BaseModel):
+    """How a ``generate`` result was made, beside ``model``: enough to make it again."""
+
+    seed: int  # of the first image; image i used seed + i
+    num_inference_steps: int
+    guidance_scale: float
+
+
 class ModelInfo(BaseModel):
     """What produced the images."""
 
@@ -195,6 +203,7 @@ class ResultEvent(BaseModel):
     cache_hit: bool = False
     error: ErrorInfo | None = None
     model: ModelInfo | None = None
+    provenance: Provenance | None = None
     timings_ms: Timings
     completed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 

@@ -57,6 +57,7 @@ from .schemas import (
     ImageRef,
     ModelInfo,
     ProgressEvent,
+    Provenance,
     RequestParseError,
     ResultEvent,
     TextRegion,
@@ -73,6 +74,15 @@ log = structlog.get_logger(__name__)
 
 _PASSED_HEADERS = ("traceparent", REPLAY_HEADER)
 PROGRESS_INTERVAL_S = 0.25
+
+
+def _provenance(pending: Pending) -> Provenance:
+    params = pending.request.params
+    return Provenance(
+        seed=pending.job.seed,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+    )
 
 
 def _forced(delivery: Delivery) -> bool:
@@ -520,6 +530,7 @@ class Worker:
                 images=refs,
                 started_at=outcome.started_at,
                 inference_s=job.seconds,
+                provenance=_provenance(pending),
             )
             await self._publish(pending.delivery, result)
             await self._answer_followers(followers, answer)
@@ -565,6 +576,7 @@ class Worker:
             images=entry.images if entry else None,
             cache_hit=entry is not None,
             model=entry.model if entry else None,
+            provenance=_provenance(pending),
         )
         await self._publish(pending.delivery, result)
 
@@ -712,6 +724,7 @@ class Worker:
         cache_hit: bool = False,
         model: ModelInfo | None = None,
         text_regions: list[TextRegion] | None = None,
+        provenance: Provenance | None = None,
     ) -> ResultEvent:
         now = time.time()
         queued = (started_at if started_at is not None else now) - arrived_at
@@ -726,6 +739,7 @@ class Worker:
             cache_hit=cache_hit,
             error=None if error is None else ErrorInfo(**error.to_dict()),  # type: ignore[arg-type]
             model=model or self._engine.model_info,
+            provenance=provenance,
             timings_ms=Timings(
                 queued=round(max(0.0, queued) * 1000, 1),
                 inference=round(inference_s * 1000, 1),

@@ -58,6 +58,8 @@ async def test_replay_by_time_and_by_offsets(settings: Settings, kafka_io: Kafka
         # same images (the seed is part of the request).
         original = first[result["request_id"]]
         assert result["model"] == original["model"]
+        assert result["provenance"] == original["provenance"]
+        assert result["provenance"]["num_inference_steps"] == 2
         assert [i["sha256"] for i in result["images"]] == [i["sha256"] for i in original["images"]]
 
 
