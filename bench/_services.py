@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
@@ -11,6 +12,8 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from zimage_stream.broker import EmbeddedBroker, free_port
 from zimage_stream.settings import Settings
@@ -85,3 +88,52 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+class Receiver:
+    """Reads the results topic and records when each request's result arrived."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.arrived: dict[str, tuple[float, dict]] = {}
+        self._settings = settings
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=5,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        topic = self._settings.results_topic
+        await self._consumer.topics()
+        partitions = [
+            TopicPartition(topic, p)
+            for p in sorted(self._consumer.partitions_for_topic(topic) or [])
+        ]
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await self._consumer.position(tp)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            for records in (await self._consumer.getmany(timeout_ms=50)).values():
+                now = time.perf_counter()
+                for record in records:
+                    result = json.loads(record.value)
+                    self.arrived[result["request_id"]] = (now, result)
+
+    async def wait_for(self, ids: set[str], timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ids <= set(self.arrived):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(ids - set(self.arrived))} results missing")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self._consumer.stop()

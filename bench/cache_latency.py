@@ -15,11 +15,17 @@ import json
 import random
 import time
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 # Run as a script, so this folder is on sys.path and _services imports directly.
-from _services import bench_settings, broker, percentile, redis_server, running_worker
-from zimage_stream.settings import Settings
+from _services import (
+    Receiver,
+    bench_settings,
+    broker,
+    percentile,
+    redis_server,
+    running_worker,
+)
 
 
 def _request(request_id: str, product: int) -> dict:
@@ -35,55 +41,6 @@ def _request(request_id: str, product: int) -> dict:
             "num_inference_steps": 2,
         },
     }
-
-
-class Receiver:
-    """Reads the results topic and records when each request's result arrived."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.arrived: dict[str, tuple[float, dict]] = {}
-        self._settings = settings
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=5,
-        )
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self._consumer.start()
-        topic = self._settings.results_topic
-        await self._consumer.topics()
-        partitions = [
-            TopicPartition(topic, p)
-            for p in sorted(self._consumer.partitions_for_topic(topic) or [])
-        ]
-        self._consumer.assign(partitions)
-        await self._consumer.seek_to_end(*partitions)
-        for tp in partitions:
-            await self._consumer.position(tp)
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            for records in (await self._consumer.getmany(timeout_ms=50)).values():
-                now = time.perf_counter()
-                for record in records:
-                    result = json.loads(record.value)
-                    self.arrived[result["request_id"]] = (now, result)
-
-    async def wait_for(self, ids: set[str], timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not ids <= set(self.arrived):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(ids - set(self.arrived))} results missing")
-            await asyncio.sleep(0.01)
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-        await self._consumer.stop()
 
 
 async def run(requests: int, repeat_share: float, warm: int, rate: float) -> None:

@@ -13,6 +13,12 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
+def _env(tiny_model_dir: Path) -> dict[str, str]:
+    """This environment without ZIMAGE_* settings, and the miniature model's folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
+    return {**env, "ZIMAGE_TINY_MODEL_DIR": str(tiny_model_dir)}
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_cache_latency_prints_its_table(tiny_model_dir: Path) -> None:
     out = subprocess.run(
@@ -29,10 +35,7 @@ def test_cache_latency_prints_its_table(tiny_model_dir: Path) -> None:
         capture_output=True,
         text=True,
         timeout=300,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")},
-            "ZIMAGE_TINY_MODEL_DIR": str(tiny_model_dir),
-        },
+        env=_env(tiny_model_dir),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "cache hits" in out.stdout and "hit rate:" in out.stdout
@@ -62,3 +65,15 @@ def test_gpu_latency_runs_on_the_miniature_model() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| native | 1 |" in out.stdout and "| native | 4 |" in out.stdout
+
+
+def test_throughput_compares_the_worker_with_the_naive_service(tiny_model_dir: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "throughput.py"), "--requests", "6", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(tiny_model_dir),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "naive (one at a time)" in out.stdout and "throughput ratio" in out.stdout
