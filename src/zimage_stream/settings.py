@@ -21,6 +21,7 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 DType = Literal["bfloat16", "float16", "float32"]
 AttentionBackend = Literal["auto", "native", "flash", "_native_flash", "_flash_3"]
+CompileMode = Literal["off", "regional"]
 
 
 class _Frozen(BaseModel):
@@ -63,6 +64,7 @@ class EngineSettings(_Frozen):
     device: Device = "auto"
     dtype: DType = "bfloat16"
     attention_backend: AttentionBackend = "auto"
+    compile: CompileMode = "off"
     warmup: bool = True
     warmup_size: int = 256
     cpu_threads: int = 0
@@ -138,6 +140,9 @@ class Settings(BaseSettings):
     device: Device = "auto"
     dtype: DType = "bfloat16"
     attention_backend: AttentionBackend = "auto"
+    # torch.compile of the transformer's repeated blocks ("regional"): faster steps on a
+    # GPU (bench/gpu_latency.py), at the price of compiling during warm-up and per new shape.
+    compile: CompileMode = "off"
     warmup: bool = True
     # torch threads on a CPU device; 0 = all cores but one, which the event loop keeps.
     cpu_threads: int = Field(default=0, ge=0)

@@ -121,3 +121,20 @@ def test_attention_backend_choice() -> None:
     assert select_attention_backend("_native_flash", "cuda") == "_native_flash"
     assert not needs_padding_mask([10, 20, 32])  # all pad to 32 tokens
     assert needs_padding_mask([10, 40])
+
+
+def test_regional_compile_is_applied_and_draws_the_same_picture(
+    engine: ImageEngine, tiny_model_dir: Path
+) -> None:
+    compiled = ImageEngine(
+        EngineSettings(
+            model="tiny", dtype="float32", tiny_model_dir=tiny_model_dir, compile="regional"
+        )
+    )
+    compiled.load()
+    assert compiled.report.compile == "regional" and engine.report.compile == "off"
+    shape = BatchShape(width=256, height=256, num_inference_steps=2, guidance_scale=0.0)
+    job = GenerateJob("a mug", 1, 3)
+    plain = _pixels(engine.generate([job], shape)[0][0]).astype(int)
+    fast = _pixels(compiled.generate([job], shape)[0][0]).astype(int)
+    assert np.abs(plain - fast).max() <= 2  # the same picture, to float rounding

@@ -86,6 +86,8 @@ class LoadReport:
     #: where the weights live: "device", "model_cpu_offload" (GPU memory ran out at load)
     #: or "cpu" (it ran out with offloading too)
     placement: str = "device"
+    #: torch.compile applied: "off" or "regional" (the transformer's repeated blocks)
+    compile: str = "off"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +156,10 @@ class ImageEngine:
         backend = select_attention_backend(settings.attention_backend, self._device)
         if backend != "native":
             pipe.transformer.set_attention_backend(backend)
+        if settings.compile == "regional":
+            # Compiled on first use (the warm-up); a new shape compiles again.
+            pipe.transformer.compile_repeated_blocks(fullgraph=True)
+            log.info("transformer_compile", mode="regional")
         self._pipe = pipe
         self._report = LoadReport(
             model_id=settings.model,
@@ -163,6 +169,7 @@ class ImageEngine:
             attention_backend=backend,
             load_s=round(time.perf_counter() - started, 3),
             placement=placement,
+            compile=settings.compile,
         )
         log.info("model_loaded", **self._report.as_dict())
         return self._report
