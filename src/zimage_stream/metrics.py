@@ -117,7 +117,13 @@ class HttpEndpoint:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        try:
+            self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        except OSError as exc:
+            raise RuntimeError(
+                f"cannot serve /metrics, /healthz and /readyz on port {self._port}: {exc} "
+                "(set ZIMAGE_HTTP_PORT to a free port, 0 for any, or -1 for none)"
+            ) from exc
         log.info("http_endpoint_listening", port=self.port)
 
     async def stop(self) -> None:

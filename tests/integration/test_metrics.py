@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+import pytest
+
 from tests.integration.conftest import KafkaIO, generate, running_worker
 from zimage_stream.settings import Settings
 from zimage_stream.worker import Worker
@@ -97,3 +99,15 @@ async def test_metrics_expose_the_named_series_and_they_move(
     lags = re.findall(r'^zimage_consumer_lag\{partition="(\d)"\} (\S+)$', after, re.M)
     assert lags and all(float(value) == 0 for _, value in lags)  # all answered
     assert _value(after, "zimage_in_flight") == 0
+
+
+async def test_a_taken_port_is_a_clear_error(settings: Settings) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker = Worker(settings.model_copy(update={"http_port": port}))
+        with pytest.raises(RuntimeError, match="ZIMAGE_HTTP_PORT"):
+            await worker.run()
