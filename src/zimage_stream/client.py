@@ -36,9 +36,9 @@ class ResultWaiter:
             **security_options(self._settings),
         )
         await consumer.start()
-        partitions = await _partitions(consumer, self._settings.results_topic)
+        partitions = await topic_partitions(consumer, self._settings.results_topic)
         if self._settings.progress_topic:
-            partitions += await _partitions(consumer, self._settings.progress_topic)
+            partitions += await topic_partitions(consumer, self._settings.progress_topic)
         consumer.assign(partitions)
         await consumer.seek_to_end(*partitions)
         for tp in partitions:
@@ -85,7 +85,8 @@ class ResultWaiter:
         raise TimeoutError(f"no result for {request_id} within {timeout_s:.0f} s")
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The partitions of ``topic``, waiting briefly for the metadata to arrive."""
     for _ in range(50):
         found = consumer.partitions_for_topic(topic)
         if found:

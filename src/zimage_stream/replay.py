@@ -16,6 +16,7 @@ from datetime import datetime
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tqdm import tqdm
 
+from .client import topic_partitions
 from .kafka_security import security_options
 from .settings import KafkaSettings
 
@@ -57,10 +58,7 @@ async def replay(
     await consumer.start()
     producer: AIOKafkaProducer | None = None
     try:
-        partitions = [
-            TopicPartition(settings.requests_topic, p)
-            for p in sorted(consumer.partitions_for_topic(settings.requests_topic) or [])
-        ] or await _partitions(consumer, settings.requests_topic)
+        partitions = await topic_partitions(consumer, settings.requests_topic)
         ranges = await _ranges(consumer, partitions, since, until, from_offsets, to_offsets)
         summary = ReplaySummary(ranges=ranges)
         if dry_run or summary.total == 0:
@@ -105,14 +103,6 @@ async def replay(
         if producer is not None:
             await producer.stop()
         await consumer.stop()
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    await consumer.topics()
-    found = consumer.partitions_for_topic(topic) or set()
-    if not found:
-        raise ValueError(f"topic {topic!r} has no partitions (does it exist?)")
-    return [TopicPartition(topic, p) for p in sorted(found)]
 
 
 async def _ranges(

@@ -439,12 +439,12 @@ class Worker:
                 self.run_stats,
                 self._progress_reporter(batch, loop),
             )
+        except ZImageError as exc:
+            outcomes = [JobOutcome(error=exc) for _ in jobs]
         except Exception as exc:
-            error = exc if isinstance(exc, ZImageError) else None
-            if error is None:
-                log.exception("inference_failed")
-                error = InternalError(f"inference failed: {exc!r}")
-            outcomes = [JobOutcome(error=error) for _ in jobs]
+            log.exception("inference_failed")
+            failed = InternalError(f"inference failed: {exc!r}")
+            outcomes = [JobOutcome(error=failed) for _ in jobs]
         elapsed = time.perf_counter() - started
         self.metrics.batch_size.observe(len(batch))
         self.metrics.inference_seconds.observe(elapsed)
