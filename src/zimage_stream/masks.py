@@ -1,7 +1,9 @@
 """Masks over text: union of text boxes, grown with the text's size, feathered at the edge.
 
-``hard`` (uint8, 0/255) is what gets inpainted: every box grown by a share of its text
-height, so anti-aliased edges, shadows and outlines are covered. ``soft`` (float32, 0..1)
+``hard`` (uint8, 0/255) is what gets inpainted: every box lengthened at both ends of its
+line (detector boxes often stop short of a line's last glyph when it is a thin one:
+"一", "-", ".") and then grown by a share of its text height on every side, so
+anti-aliased edges, shadows and outlines are covered. ``soft`` (float32, 0..1)
 is what composites the result back: 1 over the hard mask, falling to exactly 0 a few
 pixels outside it, so pixels away from the text are unchanged bit for bit.
 """
@@ -16,6 +18,7 @@ import numpy as np
 from .ocr import TextBox
 
 GROW_SHARE = 0.25  # of the text height, on every side
+LINE_END_SHARE = 0.5  # of the text height, at both ends of the line
 MIN_GROW_PX = 3
 
 
@@ -37,7 +40,8 @@ def text_mask(shape: tuple[int, int], boxes: list[TextBox]) -> TextMask:
         grow = max(MIN_GROW_PX, round(GROW_SHARE * box.height))
         feather = max(feather, grow)
         single = np.zeros(shape, dtype=np.uint8)
-        cv2.fillPoly(single, [np.round(box.polygon).astype(np.int32)], 255)
+        polygon = _lengthened(box.polygon, LINE_END_SHARE * box.height)
+        cv2.fillPoly(single, [np.round(polygon).astype(np.int32)], 255)
         x, y, w, h = cv2.boundingRect(single)
         if w == 0 or h == 0:
             continue
@@ -47,6 +51,19 @@ def text_mask(shape: tuple[int, int], boxes: list[TextBox]) -> TextMask:
         grown = cv2.dilate(single[y0:y1, x0:x1], kernel)
         hard[y0:y1, x0:x1] = np.maximum(hard[y0:y1, x0:x1], grown)
     return TextMask(hard=hard, soft=_feathered(hard, feather))
+
+
+def _lengthened(polygon: np.ndarray, by: float) -> np.ndarray:
+    """A four-corner box made ``by`` pixels longer at both ends of its longer axis."""
+    corners = polygon.astype(np.float32)
+    along, across = corners[1] - corners[0], corners[3] - corners[0]
+    if np.linalg.norm(along) < np.linalg.norm(across):
+        along = across
+    length = float(np.linalg.norm(along))
+    if length == 0:
+        return corners
+    ends = np.sign((corners - corners.mean(0)) @ along)[:, None]
+    return corners + ends * (along / length * by)
 
 
 def _feathered(hard: np.ndarray, width: int) -> np.ndarray:

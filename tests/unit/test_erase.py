@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import ClassVar
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -60,8 +61,12 @@ def test_the_mask_covers_every_stroke_and_nothing_else_changes(eraser: TextErase
     assert result.mask[rendered.strokes].all(), "a text stroke is outside the mask"
     changed = (np.asarray(result.image) != np.asarray(rendered.image)).any(-1)
     assert not (changed & ~result.touched).any(), "a pixel outside the mask changed"
-    # The mask stays near the text: it covers a small part of the picture.
-    assert result.mask.astype(bool).mean() < 0.12
+    # The mask stays near the text: no masked pixel is further from a stroke than one and
+    # a half times the largest text's size (it is grown with the text, and lengthened at
+    # line ends, but never wanders off over the picture).
+    distance = cv2.distanceTransform((~rendered.strokes).astype(np.uint8), cv2.DIST_L2, 5)
+    largest = max(size for _text, _at, _font, size, _colour in _texts())
+    assert distance[result.mask.astype(bool)].max() <= 1.5 * largest
 
 
 def test_classical_output_has_no_detectable_text(
@@ -209,6 +214,39 @@ def test_faint_small_text_on_a_textured_background_is_found(eraser: TextEraser) 
     faint = Image.blend(scene, overlay.image, 0.6)
     strokes = (np.asarray(faint) != np.asarray(scene)).any(-1) & overlay.strokes
     result = eraser.erase(decode_image(png_bytes(faint)), "classical")
+    assert result.mask.astype(bool)[strokes].mean() >= 0.99
+
+
+def _grain_and_stripes(seed: int) -> Image.Image:
+    """A 1024x768 fabric-like texture: coarse grain (sd 18) and vertical stripes."""
+    rng = np.random.default_rng(seed)
+    grain = rng.normal(0, 18, (192, 256)).astype(np.float32)
+    grain = np.asarray(Image.fromarray(grain).resize((1024, 768), Image.BILINEAR), np.float32)
+    stripes = 12 * np.sin(np.arange(1024, dtype=np.float32) / 11)[None, :]
+    base = np.array([150, 110, 160], np.float32)
+    return Image.fromarray(np.clip(base + (grain + stripes)[..., None], 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+@pytest.mark.parametrize(
+    ("text", "size", "opacity"),
+    [("$19.99", 24, 0.5), ("限时特惠", 18, 0.6), ("SALE 50% OFF", 20, 0.55)],
+)
+def test_translucent_low_contrast_text_on_grain_is_masked_whole(
+    eraser: TextEraser, seed: int, text: str, size: int, opacity: float
+) -> None:
+    # Text 45 levels darker than the texture, half transparent, saved as JPEG q60: about as
+    # strong as the grain itself. The view with one sharpening gain everywhere missed the
+    # price on seed 0 and left line ends uncovered on seed 5.
+    font = LATIN_FONT if text.isascii() else cjk_font()
+    if font is None:
+        pytest.skip("no CJK font installed (fonts-wqy-zenhei)")
+    scene = _grain_and_stripes(seed)
+    overlay = with_text(scene, [(text, (300, 400), font, size, (105, 65, 115))])
+    faint = Image.blend(scene, overlay.image, opacity)
+    strokes = (np.asarray(faint) != np.asarray(scene)).any(-1) & overlay.strokes
+    data = png_bytes(faint, format="JPEG", quality=60)
+    result = eraser.erase(decode_image(data), "classical")
     assert result.mask.astype(bool)[strokes].mean() >= 0.99
 
 
