@@ -201,30 +201,30 @@ def test_diffusion_engine_runs_end_to_end_on_the_miniature_model(
     assert inpainter._pipe.transformer is engine.pipeline.transformer
 
 
+def _grain_and_stripes(
+    seed: int,
+    grain_sd: float = 18,
+    stripes: float = 12,
+    base: tuple[int, int, int] = (150, 110, 160),
+) -> Image.Image:
+    """A 1024x768 fabric-like texture: coarse grain (4 px) and vertical stripes."""
+    rng = np.random.default_rng(seed)
+    grain = rng.normal(0, grain_sd, (192, 256)).astype(np.float32)
+    grain = np.asarray(Image.fromarray(grain).resize((1024, 768), Image.BILINEAR), np.float32)
+    wave = stripes * np.sin(np.arange(1024, dtype=np.float32) / 11)[None, :]
+    pixels = np.asarray(base, np.float32) + (grain + wave)[..., None]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
 def test_faint_small_text_on_a_textured_background_is_found(eraser: TextEraser) -> None:
     # 14 px grey-on-grey text at 60 % opacity over grain and stripes: what the sharpened,
     # enlarged detector view is for (the plain PP-OCR call finds nothing here).
-    rng = np.random.default_rng(3)
-    grain = rng.normal(0, 10, (192, 256, 1)).astype(np.float32)
-    grain = np.asarray(Image.fromarray(grain[..., 0]).resize((1024, 768)), np.float32)[..., None]
-    stripes = 8 * np.sin(np.arange(1024, dtype=np.float32) / 9)[None, :, None]
-    texture = np.clip(140 + grain + stripes, 0, 255).astype(np.uint8).repeat(3, 2)
-    scene = Image.fromarray(texture)
+    scene = _grain_and_stripes(3, grain_sd=10, stripes=8, base=(140, 140, 140))
     overlay = with_text(scene, [("Free shipping", (300, 400), LATIN_FONT, 14, (100, 100, 100))])
     faint = Image.blend(scene, overlay.image, 0.6)
     strokes = (np.asarray(faint) != np.asarray(scene)).any(-1) & overlay.strokes
     result = eraser.erase(decode_image(png_bytes(faint)), "classical")
     assert result.mask.astype(bool)[strokes].mean() >= 0.99
-
-
-def _grain_and_stripes(seed: int) -> Image.Image:
-    """A 1024x768 fabric-like texture: coarse grain (sd 18) and vertical stripes."""
-    rng = np.random.default_rng(seed)
-    grain = rng.normal(0, 18, (192, 256)).astype(np.float32)
-    grain = np.asarray(Image.fromarray(grain).resize((1024, 768), Image.BILINEAR), np.float32)
-    stripes = 12 * np.sin(np.arange(1024, dtype=np.float32) / 11)[None, :]
-    base = np.array([150, 110, 160], np.float32)
-    return Image.fromarray(np.clip(base + (grain + stripes)[..., None], 0, 255).astype(np.uint8))
 
 
 @pytest.mark.parametrize("seed", [0, 5])
