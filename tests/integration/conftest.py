@@ -270,6 +270,38 @@ def generate(request_id: str, prompt: str = "a ceramic mug", **params: Any) -> d
     }
 
 
+async def send_slow_requests(kafka_io: KafkaIO, ids: list[str]) -> None:
+    """One distinct generate request per id, 512 px at 8 steps (long enough that a test can
+    act while they run), all on partition 0 so they are answered in order."""
+    for i, request_id in enumerate(ids):
+        await kafka_io.send(
+            generate(request_id, f"product {i}", width=512, height=512, num_inference_steps=8),
+            partition=0,
+        )
+
+
+async def wait_for_results(kafka_io: KafkaIO, at_least: int, timeout_s: float) -> list[dict]:
+    """At least ``at_least`` results, polled until ``timeout_s`` has passed."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            return await kafka_io.results(at_least, timeout_s=2)
+        except AssertionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+
+
+async def wait_for_ids(kafka_io: KafkaIO, ids: set[str], timeout_s: float) -> list[dict]:
+    """All results so far, once every one of ``ids`` has one."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        results = await wait_for_results(kafka_io, 1, timeout_s=timeout_s)
+        if {r["request_id"] for r in results} >= ids:
+            return results
+        assert asyncio.get_running_loop().time() < deadline, "not every request was answered"
+        await asyncio.sleep(0.5)
+
+
 def worker_env(settings: Settings) -> dict[str, str]:
     """The ``ZIMAGE_*`` environment that gives a ``zimage-stream worker`` these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}

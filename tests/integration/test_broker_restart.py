@@ -12,8 +12,7 @@ from collections.abc import Iterator
 import boto3
 import pytest
 
-from tests.integration.conftest import KafkaIO, generate, running_worker
-from tests.integration.test_recovery import _wait_for_ids
+from tests.integration.conftest import KafkaIO, generate, running_worker, wait_for_ids
 from zimage_stream.broker import EmbeddedBroker, free_port
 from zimage_stream.settings import Settings
 
@@ -57,7 +56,7 @@ async def test_the_worker_reconnects_after_a_broker_restart(
         await io.start()
         for request_id in before:
             await io.send(generate(request_id, f"kettle {request_id}"))
-        await _wait_for_ids(io, set(before), timeout_s=120)
+        await wait_for_ids(io, set(before), timeout_s=120)
         await io.stop()
 
         durable_broker.stop()
@@ -69,7 +68,7 @@ async def test_the_worker_reconnects_after_a_broker_restart(
         try:
             for request_id in after:
                 await io.send(generate(request_id, f"kettle {request_id}"))
-            results = await _wait_for_ids(io, set(before + after), timeout_s=180)
+            results = await wait_for_ids(io, set(before + after), timeout_s=180)
             deadline, committed = time.monotonic() + 60, 0
             while time.monotonic() < deadline and committed < 6:
                 committed = sum((await io.committed()).values())

@@ -15,9 +15,11 @@ from tests.integration.conftest import (
     KafkaIO,
     generate,
     running_worker,
+    send_slow_requests,
     start_worker_process,
+    wait_for_ids,
+    wait_for_results,
 )
-from tests.integration.test_recovery import _wait_for_ids, _wait_for_results
 from zimage_stream.settings import Settings
 from zimage_stream.worker import Worker
 
@@ -38,13 +40,9 @@ async def test_sigterm_finishes_the_running_batch_commits_and_exits_zero(
 ) -> None:
     settings = settings.model_copy(update={"max_batch_size": 2, "batch_window_ms": 200})
     ids = [f"term-{i}" for i in range(8)]
-    for i, request_id in enumerate(ids):
-        await kafka_io.send(
-            generate(request_id, f"item {i}", width=512, height=512, num_inference_steps=8),
-            partition=0,
-        )
+    await send_slow_requests(kafka_io, ids)
     worker = await start_worker_process(settings, tmp_path / "worker.log")
-    await _wait_for_results(kafka_io, 1, timeout_s=120)
+    await wait_for_results(kafka_io, 1, timeout_s=120)
     worker.send_signal(signal.SIGTERM)
     code = await asyncio.wait_for(worker.wait(), timeout=60)
     assert code == 0, (tmp_path / "worker.log").read_text()[-2000:]
@@ -57,7 +55,7 @@ async def test_sigterm_finishes_the_running_batch_commits_and_exits_zero(
     assert committed == len(before), (committed, sorted(before))
     # The rest is answered by the next worker; nothing is lost, nothing answered twice.
     async with running_worker(settings):
-        results = await _wait_for_ids(kafka_io, set(ids), timeout_s=180)
+        results = await wait_for_ids(kafka_io, set(ids), timeout_s=180)
     after = _by_id(results)
     assert set(after) == set(ids)
     assert all(len(answers) == 1 for answers in after.values()), after
@@ -92,7 +90,7 @@ async def test_a_flood_pauses_fetching_and_long_batches_keep_the_member_in_its_g
         with capture_logs() as logs:
             for request_id in ids:
                 await kafka_io.send(generate(request_id, f"shoe {request_id}"))
-            results = await _wait_for_ids(kafka_io, set(ids), timeout_s=240)
+            results = await wait_for_ids(kafka_io, set(ids), timeout_s=240)
         watcher.cancel()
         committed = sum((await kafka_io.committed()).values())
     events = [e["event"] for e in logs]
@@ -118,14 +116,14 @@ async def test_a_worker_joining_and_one_leaving_mid_stream_lose_nothing(
         async with running_worker(settings) as first:
             _slow_steps(first, 0.05)
             await publish(ids[:8])
-            await _wait_for_results(kafka_io, 2, timeout_s=120)
+            await wait_for_results(kafka_io, 2, timeout_s=120)
             async with running_worker(settings, Worker(settings)) as second:
                 _slow_steps(second, 0.05)
                 await publish(ids[8:16])
-                await _wait_for_results(kafka_io, 10, timeout_s=120)
+                await wait_for_results(kafka_io, 10, timeout_s=120)
             # The second worker left (its partitions come back to the first).
             await publish(ids[16:])
-            results = await _wait_for_ids(kafka_io, set(ids), timeout_s=240)
+            results = await wait_for_ids(kafka_io, set(ids), timeout_s=240)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 if sum((await kafka_io.committed()).values()) == len(ids):
