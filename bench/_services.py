@@ -1,46 +1,32 @@
-"""Local services for the benchmarks: the embedded broker, a redis-server, a worker."""
+"""Local services for the benchmarks: the embedded broker, a redis-server, a receiver
+(the worker runs under ``zimage_stream.testing.running_worker``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import shutil
-import socket
-import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from zimage_stream.broker import EmbeddedBroker, free_port
+from zimage_stream.broker import EmbeddedBroker
 from zimage_stream.settings import Settings
-from zimage_stream.worker import Worker
+from zimage_stream.testing import RedisServer
 
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    """A private redis-server on a free port; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
+    """A private redis-server on a free port; yields its URL (exits when none is installed)."""
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.kill()
-        process.wait()
+        server = RedisServer.on_free_port()
+    except FileNotFoundError as missing:
+        raise SystemExit(str(missing)) from None
+    with server:
+        yield server.url
 
 
 @contextlib.contextmanager
@@ -65,21 +51,6 @@ def bench_settings(bootstrap: str, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-
-@contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
-    worker = Worker(settings)
-    task = asyncio.create_task(worker.run())
-    ready = asyncio.create_task(worker.ready.wait())
-    done, _ = await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await task
 
 
 def percentile(values: list[float], q: float) -> float:

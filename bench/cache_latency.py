@@ -24,8 +24,8 @@ from _services import (
     broker,
     percentile,
     redis_server,
-    running_worker,
 )
+from zimage_stream.testing import running_worker
 
 
 def _request(request_id: str, product: int) -> dict:

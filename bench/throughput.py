@@ -27,13 +27,14 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 # Run as a script, so this folder is on sys.path and _services imports directly.
-from _services import Receiver, bench_settings, broker, percentile, running_worker
+from _services import Receiver, bench_settings, broker, percentile
 from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine
 from zimage_stream.imaging import encode_image
 from zimage_stream.schemas import ImageRef, ResultEvent, Timings, parse_request
 from zimage_stream.settings import Settings
 from zimage_stream.storage import Storage
 from zimage_stream.styles import style_prompt
+from zimage_stream.testing import running_worker
 from zimage_stream.topics import ensure_topics
 
 SIZES = [(256, 256), (320, 256)]

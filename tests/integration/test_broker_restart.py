@@ -12,9 +12,10 @@ from collections.abc import Iterator
 import boto3
 import pytest
 
-from tests.integration.conftest import KafkaIO, generate, running_worker, wait_for_ids
+from tests.integration.conftest import KafkaIO, generate, wait_for_ids
 from zimage_stream.broker import EmbeddedBroker, free_port
 from zimage_stream.settings import Settings
+from zimage_stream.testing import running_worker
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ from pathlib import Path
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from tests.integration.conftest import KafkaIO, RedisServer, generate, running_worker
+from tests.integration.conftest import KafkaIO, generate
 from zimage_stream.cache import content_key
 from zimage_stream.schemas import GenerateRequest, parse_request
 from zimage_stream.settings import Settings
+from zimage_stream.testing import RedisServer, running_worker
 from zimage_stream.worker import Worker
 
 

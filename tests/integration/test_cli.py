@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import run_cli, running_worker
+from tests.integration.conftest import run_cli
 from zimage_stream.settings import Settings
+from zimage_stream.testing import running_worker
 
 CLI = [sys.executable, "-m", "zimage_stream.cli"]
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import KafkaIO, running_worker
+from tests.integration.conftest import KafkaIO
 from tests.support.render import LATIN_FONT, png_bytes, product_scene, with_text
 from zimage_stream.eraser import TextEraser
 from zimage_stream.ocr import RapidOcrDetector
 from zimage_stream.settings import Settings
 from zimage_stream.sources import SourceImage
+from zimage_stream.testing import running_worker
 
 
 def _erase(request_id: str, source: dict) -> dict:

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from tests.integration.conftest import KafkaIO, generate, running_worker
+from tests.integration.conftest import KafkaIO, generate
 from zimage_stream.settings import Settings
+from zimage_stream.testing import running_worker
 
 
 async def _wait_committed(kafka_io: KafkaIO, total: int) -> int:

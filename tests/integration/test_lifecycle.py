@@ -14,13 +14,13 @@ from structlog.testing import capture_logs
 from tests.integration.conftest import (
     KafkaIO,
     generate,
-    running_worker,
     send_slow_requests,
     start_worker_process,
     wait_for_ids,
     wait_for_results,
 )
 from zimage_stream.settings import Settings
+from zimage_stream.testing import running_worker
 from zimage_stream.worker import Worker
 
 

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.integration.conftest import KafkaIO, generate, running_worker
+from tests.integration.conftest import KafkaIO, generate
 from zimage_stream.settings import Settings
+from zimage_stream.testing import running_worker
 from zimage_stream.worker import Worker
 
 

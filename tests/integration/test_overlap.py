@@ -8,9 +8,10 @@ from datetime import datetime
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
-from tests.integration.conftest import KafkaIO, generate, running_worker
+from tests.integration.conftest import KafkaIO, generate
 from zimage_stream.settings import Settings
 from zimage_stream.storage import Storage, StoredObject
+from zimage_stream.testing import running_worker
 from zimage_stream.worker import Worker
 
 

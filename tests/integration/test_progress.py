@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
-from tests.integration.conftest import KafkaIO, generate, running_worker
+from tests.integration.conftest import KafkaIO, generate
 from zimage_stream.client import ResultWaiter
 from zimage_stream.settings import Settings
+from zimage_stream.testing import running_worker
 from zimage_stream.topics import ensure_topics
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from tests.integration.conftest import (
     KafkaIO,
-    running_worker,
     send_slow_requests,
     start_worker_process,
     wait_for_ids,
     wait_for_results,
 )
 from zimage_stream.settings import Settings
+from zimage_stream.testing import running_worker
 
 
 async def test_killed_worker_requests_are_processed_after_restart(

@@ -7,9 +7,10 @@ import asyncio
 import json
 from datetime import UTC, datetime
 
-from tests.integration.conftest import KafkaIO, generate, run_cli, running_worker
+from tests.integration.conftest import KafkaIO, generate, run_cli
 from zimage_stream.replay import replay
 from zimage_stream.settings import Settings
+from zimage_stream.testing import running_worker
 
 
 async def test_replay_by_time_and_by_offsets(settings: Settings, kafka_io: KafkaIO) -> None:

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 from structlog.testing import capture_logs
 
-from tests.integration.conftest import KafkaIO, generate, running_worker
+from tests.integration.conftest import KafkaIO, generate
 from zimage_stream.errors import StorageUnavailableError
 from zimage_stream.settings import Settings, StorageSettings
 from zimage_stream.storage import Storage
+from zimage_stream.testing import running_worker
 
 CREDENTIALS = {
     "s3_region": "us-east-1",

@@ -9,8 +9,9 @@ from pathlib import Path
 from PIL import Image
 from structlog.testing import capture_logs
 
-from tests.integration.conftest import KafkaIO, generate, running_worker
+from tests.integration.conftest import KafkaIO, generate
 from zimage_stream.settings import Settings
+from zimage_stream.testing import running_worker
 
 
 def _path(uri: str) -> Path:
