@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 from tests.support.render import LATIN_FONT, cjk_font, png_bytes, product_scene, with_text
-from zimage_stream.eraser import TextEraser
+from zimage_stream.erase import TextEraser, decode_image, make_detector, read_source
+from zimage_stream.erase.ocr import RapidOcrDetector
+from zimage_stream.erase.sources import MAX_SOURCE_BYTES
 from zimage_stream.errors import ZImageError
-from zimage_stream.ocr import RapidOcrDetector
 from zimage_stream.schemas import ImageSource
 from zimage_stream.settings import StorageSettings
-from zimage_stream.sources import MAX_SOURCE_BYTES, decode_image, read_source
 from zimage_stream.storage import Storage
 
 RED, DARK = (200, 20, 20), (25, 25, 25)
@@ -260,8 +260,6 @@ def test_small_text_in_a_large_photo_is_found_through_tiling(eraser: TextEraser)
 
 
 def test_easyocr_backend_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from zimage_stream.ocr import make_detector
-
     monkeypatch.setitem(sys.modules, "easyocr", None)  # import fails: not installed
     with pytest.raises(ZImageError) as info:
         make_detector("easyocr")
@@ -293,8 +291,6 @@ def test_easyocr_backend_keeps_downloads_off_and_reads_boxes(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import types
-
-    from zimage_stream.ocr import make_detector
 
     monkeypatch.setitem(sys.modules, "easyocr", types.SimpleNamespace(Reader=_FakeReader))
     with pytest.raises(ZImageError) as info:

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine
-from zimage_stream.runner import RunStats, run_batch
+from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine, RunStats, run_batch
 from zimage_stream.settings import EngineSettings
 
 SHAPE = BatchShape(width=128, height=128, num_inference_steps=8, guidance_scale=0.0)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..masks import TextMask, composite
+from ..erase.masks import TextMask, composite
 from .pipeline import ImageEngine
 
 PROMPT = "clean empty product photo background, seamless surface, no text, no watermark"

@@ -11,8 +11,8 @@ import numpy as np
 import structlog
 from PIL import Image
 
-from .errors import ModelUnavailableError
-from .inpaint import inpaint_classical
+from ..errors import ModelUnavailableError
+from .classical import inpaint_classical
 from .masks import TextMask, text_mask
 from .ocr import TextBox, TextDetector
 from .sources import SourceImage

@@ -38,8 +38,8 @@ import cv2
 import numpy as np
 import structlog
 
-from .errors import ModelUnavailableError
-from .schemas import TextRegion
+from ..errors import ModelUnavailableError
+from ..schemas import TextRegion
 
 log = structlog.get_logger(__name__)
 
