@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..errors import ModelUnavailableError
 from .classical import inpaint_classical
-from .masks import TextMask, text_mask
+from .masks import composite, text_mask
 from .ocr import TextBox, TextDetector
 from .sources import SourceImage
 
@@ -35,7 +35,15 @@ class EraseResult:
     seconds: float
 
 
-Inpainter = Callable[[np.ndarray, TextMask], np.ndarray]
+class Inpainter(Protocol):
+    """Fills text in an image; the eraser blends the result in through the feathered mask.
+
+    ``rgb`` is the image (H, W, 3 uint8), ``hard`` what must be filled (H, W uint8, 0 or
+    255) and ``region`` the whole feathered area around it (H, W bool); it returns the
+    full-size filled image (H, W, 3 uint8), not yet blended.
+    """
+
+    def __call__(self, rgb: np.ndarray, hard: np.ndarray, region: np.ndarray) -> np.ndarray: ...
 
 
 class TextEraser:
@@ -86,7 +94,8 @@ class TextEraser:
             layer = text_mask(rgb.shape[:2], boxes)
             mask = np.maximum(mask, layer.hard)
             touched |= layer.soft > 0
-            cleaned = fill(cleaned, layer)
+            filled = fill(cleaned, layer.hard, layer.soft > 0)
+            cleaned = composite(cleaned, filled, layer.soft)
             boxes = self._look_again(cleaned, layer.hard) if attempt + 1 < MAX_PASSES else []
         # 4. Put transparency back exactly as it was.
         image = Image.fromarray(cleaned)
