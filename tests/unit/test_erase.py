@@ -54,6 +54,47 @@ def test_text_is_found_in_both_languages(detector: RapidOcrDetector) -> None:
     assert "SALE" in found and "限时" in found
 
 
+def _two_lines() -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    """A scene with an English and a Chinese line, and each line's stroke pixels."""
+    font = cjk_font()
+    if font is None:
+        pytest.skip("no CJK font (apt-get install fonts-wqy-zenhei)")
+    english = with_text(product_scene(), [("SALE 50% OFF", (60, 60), LATIN_FONT, 48, RED)])
+    both = with_text(english.image, [("限时特惠 包邮", (560, 650), font, 56, DARK)])
+    return both.image, english.strokes, both.strokes
+
+
+def _around(strokes: np.ndarray, pad: int = 4) -> tuple[slice, slice]:
+    ys, xs = np.nonzero(strokes)
+    return slice(ys.min() - pad, ys.max() + pad + 1), slice(xs.min() - pad, xs.max() + pad + 1)
+
+
+def _has_cjk(text: str) -> bool:
+    return any("\u4e00" <= char <= "\u9fff" for char in text)
+
+
+@pytest.mark.parametrize(
+    ("languages", "erased", "kept"), [(["en"], "en", "ch"), (["ch"], "ch", "en")]
+)
+def test_only_the_asked_languages_are_erased(
+    eraser: TextEraser, languages: list[str], erased: str, kept: str
+) -> None:
+    image, english, chinese = _two_lines()
+    strokes = {"en": english, "ch": chinese}
+    result = eraser.erase(decode_image(png_bytes(image)), "classical", languages=languages)
+    out, before = np.asarray(result.image), np.asarray(image)
+    box = _around(strokes[kept])
+    assert np.array_equal(out[box], before[box]), f"the {kept} line was touched"
+    assert result.mask[strokes[erased]].all(), f"the {erased} line was not erased"
+    assert result.regions and all(_has_cjk(r.text) == (erased == "ch") for r in result.regions)
+
+
+def test_both_languages_erase_both_lines(eraser: TextEraser) -> None:
+    image, english, chinese = _two_lines()
+    result = eraser.erase(decode_image(png_bytes(image)), "classical", languages=["en", "ch"])
+    assert result.mask[english].all() and result.mask[chinese].all()
+
+
 def test_the_mask_covers_every_stroke_and_nothing_else_changes(eraser: TextEraser) -> None:
     rendered = with_text(product_scene(), _texts())
     result = eraser.erase(decode_image(png_bytes(rendered.image)), "classical")
@@ -305,3 +346,7 @@ def test_easyocr_backend_keeps_downloads_off_and_reads_boxes(
     assert read.text == "SALE" and read.polygon.shape == (4, 2) and read.height == 20
     boxes = detector.detect(rgb, read=False)  # horizontal and free-form boxes, unread
     assert [b.polygon.tolist()[0] for b in boxes] == [[10, 10], [5, 50]]
+    # Looking for Chinese only, the English reading is dropped, even when asked not to read.
+    assert detector.detect(rgb, languages=["ch"]) == []
+    assert detector.detect(rgb, read=False, languages=["ch"]) == []
+    assert len(detector.detect(rgb, read=False, languages=["en"])) == 1

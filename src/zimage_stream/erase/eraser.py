@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -14,7 +15,7 @@ from PIL import Image
 from ..errors import ModelUnavailableError
 from .classical import inpaint_classical
 from .masks import composite, text_mask
-from .ocr import TextBox, TextDetector
+from .ocr import LANGUAGES, TextBox, TextDetector
 from .sources import SourceImage
 
 log = structlog.get_logger(__name__)
@@ -75,7 +76,10 @@ class TextEraser:
             )
         return engine
 
-    def erase(self, source: SourceImage, engine: str = "auto") -> EraseResult:
+    def erase(
+        self, source: SourceImage, engine: str = "auto", languages: Collection[str] = LANGUAGES
+    ) -> EraseResult:
+        """``source`` without the text of ``languages`` (``en``, ``ch``; see ``ocr``)."""
         started = time.perf_counter()
         fill: Inpainter = inpaint_classical
         if self.resolve(engine) == "diffusion":
@@ -83,7 +87,7 @@ class TextEraser:
             fill = self._diffusion
         rgb = source.pixels
         # 1. Find the text (kept for the result: what was there before erasing).
-        regions = self._detector.detect(rgb)
+        regions = self._detector.detect(rgb, languages=languages)
         boxes, cleaned = list(regions), rgb
         mask = np.zeros(rgb.shape[:2], dtype=np.uint8)
         touched = np.zeros(rgb.shape[:2], dtype=bool)
@@ -96,7 +100,9 @@ class TextEraser:
             touched |= layer.soft > 0
             filled = fill(cleaned, layer.hard, layer.soft > 0)
             cleaned = composite(cleaned, filled, layer.soft)
-            boxes = self._look_again(cleaned, layer.hard) if attempt + 1 < MAX_PASSES else []
+            boxes = (
+                self._look_again(cleaned, layer.hard, languages) if attempt + 1 < MAX_PASSES else []
+            )
         # 4. Put transparency back exactly as it was.
         image = Image.fromarray(cleaned)
         if source.has_alpha:
@@ -105,7 +111,9 @@ class TextEraser:
         log.info("text_erased", regions=len(regions), seconds=round(seconds, 3))
         return EraseResult(image, regions, mask, touched, seconds)
 
-    def _look_again(self, cleaned: np.ndarray, hard: np.ndarray) -> list[TextBox]:
+    def _look_again(
+        self, cleaned: np.ndarray, hard: np.ndarray, languages: Collection[str]
+    ) -> list[TextBox]:
         """Text still found around the filled areas (leftover strokes at a mask's edge).
 
         Only crops around the mask are searched: text that the first look missed in the
@@ -120,6 +128,6 @@ class TextEraser:
             x0, y0 = max(0, x - LOOK_AGAIN_MARGIN_PX), max(0, y - LOOK_AGAIN_MARGIN_PX)
             x1 = min(width, x + w + LOOK_AGAIN_MARGIN_PX)
             y1 = min(height, y + h + LOOK_AGAIN_MARGIN_PX)
-            found = self._detector.detect(cleaned[y0:y1, x0:x1], read=False)
+            found = self._detector.detect(cleaned[y0:y1, x0:x1], read=False, languages=languages)
             boxes.extend(box.shifted(x0, y0) for box in found)
         return boxes
