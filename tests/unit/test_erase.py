@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import sys
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -13,12 +14,15 @@ import pytest
 from PIL import Image
 
 from tests.support.render import LATIN_FONT, cjk_font, png_bytes, product_scene, with_text
+from zimage_stream.engine import ImageEngine
+from zimage_stream.engine.inpaint import DiffusionInpainter
 from zimage_stream.erase import TextEraser, decode_image, make_detector, read_source
-from zimage_stream.erase.ocr import RapidOcrDetector
+from zimage_stream.erase.classical import inpaint_classical
+from zimage_stream.erase.ocr import LANGUAGES, RapidOcrDetector, TextBox
 from zimage_stream.erase.sources import MAX_SOURCE_BYTES
-from zimage_stream.errors import ZImageError
+from zimage_stream.errors import InferenceTimeoutError, ZImageError
 from zimage_stream.schemas import ImageSource
-from zimage_stream.settings import StorageSettings
+from zimage_stream.settings import EngineSettings, StorageSettings
 from zimage_stream.storage import Storage
 
 RED, DARK = (200, 20, 20), (25, 25, 25)
@@ -32,6 +36,15 @@ def detector() -> RapidOcrDetector:
 @pytest.fixture(scope="module")
 def eraser(detector: RapidOcrDetector) -> TextEraser:
     return TextEraser(detector)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir: Path) -> ImageEngine:
+    engine = ImageEngine(
+        EngineSettings(model="tiny", dtype="float32", tiny_model_dir=tiny_model_dir)
+    )
+    engine.load()
+    return engine
 
 
 def _texts() -> list:
@@ -219,16 +232,9 @@ async def test_uri_sources_stay_inside_the_storage_root(tmp_path: Path) -> None:
 
 
 def test_diffusion_engine_runs_end_to_end_on_the_miniature_model(
-    detector: RapidOcrDetector, tiny_model_dir: Path
+    detector: RapidOcrDetector, tiny_engine: ImageEngine
 ) -> None:
-    from zimage_stream.engine import ImageEngine
-    from zimage_stream.engine.inpaint import DiffusionInpainter
-    from zimage_stream.settings import EngineSettings
-
-    engine = ImageEngine(
-        EngineSettings(model="tiny", dtype="float32", tiny_model_dir=tiny_model_dir)
-    )
-    engine.load()
+    engine = tiny_engine
     inpainter = DiffusionInpainter(engine, steps=2, model_px=256)
     eraser = TextEraser(detector, diffusion=inpainter, prefer_diffusion=True)
     assert eraser.resolve("auto") == "diffusion" and eraser.resolve("classical") == "classical"
@@ -240,6 +246,57 @@ def test_diffusion_engine_runs_end_to_end_on_the_miniature_model(
     assert (out != before).any(-1)[rendered.strokes].mean() > 0.5  # the text was repainted
     # from_pipe shares the loaded weights: no second copy of the transformer.
     assert inpainter._pipe.transformer is engine.pipeline.transformer
+
+
+class _StandInDetector:
+    """Finds one fixed line of text, after ``delay_s``."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+
+    def detect(
+        self, rgb: np.ndarray, read: bool = True, languages: object = LANGUAGES
+    ) -> list[TextBox]:
+        time.sleep(self.delay_s)
+        corners = np.array([[40, 40], [200, 40], [200, 80], [40, 80]], np.float32)
+        return [TextBox(corners, "SALE", 0.9)]
+
+
+def test_erasing_stops_once_its_deadline_passes() -> None:
+    eraser = TextEraser(_StandInDetector(delay_s=0.3))
+    source = decode_image(png_bytes(product_scene(256, 256)))
+    with pytest.raises(InferenceTimeoutError, match="budget") as info:
+        eraser.erase(source, "classical", deadline=time.monotonic() + 0.1)
+    assert info.value.code == "timeout" and info.value.retriable
+
+
+def test_classical_filling_stops_between_regions_at_the_deadline() -> None:
+    rgb = np.full((100, 200, 3), 128, np.uint8)
+    hard = np.zeros((100, 200), np.uint8)
+    hard[10:20, 10:20] = hard[10:20, 150:160] = 255
+    with pytest.raises(TimeoutError):
+        inpaint_classical(rgb, hard, hard > 0, deadline=time.monotonic())
+    assert inpaint_classical(rgb, hard, hard > 0, deadline=time.monotonic() + 60).shape == rgb.shape
+
+
+def test_diffusion_erasing_stops_between_denoising_steps_at_the_deadline(
+    tiny_engine: ImageEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deadline, steps, frees = time.monotonic() + 3, [], []
+
+    def slow_steps(where: str, value: int) -> None:
+        if where == "step":
+            steps.append(value)
+            time.sleep(max(0.0, deadline - time.monotonic()))
+
+    monkeypatch.setattr(tiny_engine, "fault_hook", slow_steps)
+    monkeypatch.setattr(tiny_engine, "free_memory", lambda: frees.append(1))
+    inpainter = DiffusionInpainter(tiny_engine, steps=4, model_px=256)
+    eraser = TextEraser(_StandInDetector(), diffusion=inpainter, prefer_diffusion=True)
+    source = decode_image(png_bytes(product_scene(512, 384)))
+    with pytest.raises(InferenceTimeoutError, match="budget"):
+        eraser.erase(source, "diffusion", deadline=deadline)
+    assert steps == [1] and frees == [1]  # stopped after the first step; memory freed
 
 
 def _grain_and_stripes(

@@ -1,10 +1,16 @@
-"""Text erasure: detect text, mask it, inpaint it, and check the result once more."""
+"""Text erasure: detect text, mask it, inpaint it, and check the result once more.
+
+A request's time budget arrives as a ``deadline`` (a ``time.monotonic()`` value). It is
+checked between stages (after detection, after a fill pass that the look-again follows)
+and by the inpainter inside a fill (between regions, or between denoising steps); once
+it has passed, the erase stops with the contract's ``timeout``.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import cv2
@@ -12,9 +18,9 @@ import numpy as np
 import structlog
 from PIL import Image
 
-from ..errors import ModelUnavailableError
+from ..errors import InferenceTimeoutError, ModelUnavailableError
 from .classical import inpaint_classical
-from .masks import composite, text_mask
+from .masks import TextMask, composite, text_mask
 from .ocr import LANGUAGES, TextBox, TextDetector
 from .sources import SourceImage
 
@@ -41,10 +47,37 @@ class Inpainter(Protocol):
 
     ``rgb`` is the image (H, W, 3 uint8), ``hard`` what must be filled (H, W uint8, 0 or
     255) and ``region`` the whole feathered area around it (H, W bool); it returns the
-    full-size filled image (H, W, 3 uint8), not yet blended.
+    full-size filled image (H, W, 3 uint8), not yet blended. Past ``deadline``
+    (``time.monotonic()``, or None for none) it stops early with a ``TimeoutError`` (the
+    engine's ``DeadlineExceeded`` is one).
     """
 
-    def __call__(self, rgb: np.ndarray, hard: np.ndarray, region: np.ndarray) -> np.ndarray: ...
+    def __call__(
+        self,
+        rgb: np.ndarray,
+        hard: np.ndarray,
+        region: np.ndarray,
+        deadline: float | None = None,
+    ) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class _Deadline:
+    """A ``time.monotonic()`` deadline, or none, and how to say that it has passed."""
+
+    at: float | None
+    began: float = field(default_factory=time.monotonic)
+
+    def check(self, stage: str) -> None:
+        if self.at is not None and time.monotonic() >= self.at:
+            raise self.passed(stage)
+
+    def passed(self, stage: str) -> InferenceTimeoutError:
+        left = max(0.0, (self.at or self.began) - self.began)
+        return InferenceTimeoutError(
+            f"text erasure took longer than its budget ({left:.3g} s were left of it when "
+            f"the erase began); it was stopped {stage}"
+        )
 
 
 class TextEraser:
@@ -77,32 +110,37 @@ class TextEraser:
         return engine
 
     def erase(
-        self, source: SourceImage, engine: str = "auto", languages: Collection[str] = LANGUAGES
+        self,
+        source: SourceImage,
+        engine: str = "auto",
+        languages: Collection[str] = LANGUAGES,
+        deadline: float | None = None,
     ) -> EraseResult:
-        """``source`` without the text of ``languages`` (``en``, ``ch``; see ``ocr``)."""
-        started = time.perf_counter()
-        fill: Inpainter = inpaint_classical
-        if self.resolve(engine) == "diffusion":
-            assert self._diffusion is not None
-            fill = self._diffusion
+        """``source`` without the text of ``languages`` (``en``, ``ch``; see ``ocr``).
+
+        ``deadline`` (``time.monotonic()``): once it passes, ``InferenceTimeoutError``.
+        """
+        started, budget = time.perf_counter(), _Deadline(deadline)
+        fill = self._inpainter(engine)
         rgb = source.pixels
         # 1. Find the text (kept for the result: what was there before erasing).
         regions = self._detector.detect(rgb, languages=languages)
+        budget.check("after finding the text")
         boxes, cleaned = list(regions), rgb
         mask = np.zeros(rgb.shape[:2], dtype=np.uint8)
         touched = np.zeros(rgb.shape[:2], dtype=bool)
         # 2. Mask and fill; 3. look again where it was filled, and fill what is left.
-        for attempt in range(MAX_PASSES):
+        for attempt in range(1, MAX_PASSES + 1):
             if not boxes:
                 break
             layer = text_mask(rgb.shape[:2], boxes)
             mask = np.maximum(mask, layer.hard)
             touched |= layer.soft > 0
-            filled = fill(cleaned, layer.hard, layer.soft > 0)
-            cleaned = composite(cleaned, filled, layer.soft)
-            boxes = (
-                self._look_again(cleaned, layer.hard, languages) if attempt + 1 < MAX_PASSES else []
-            )
+            cleaned = _fill_pass(fill, cleaned, layer, budget, attempt)
+            if attempt == MAX_PASSES:
+                break
+            budget.check(f"after filling pass {attempt}, before looking again")
+            boxes = self._look_again(cleaned, layer.hard, languages)
         # 4. Put transparency back exactly as it was.
         image = Image.fromarray(cleaned)
         if source.has_alpha:
@@ -110,6 +148,12 @@ class TextEraser:
         seconds = time.perf_counter() - started
         log.info("text_erased", regions=len(regions), seconds=round(seconds, 3))
         return EraseResult(image, regions, mask, touched, seconds)
+
+    def _inpainter(self, engine: str) -> Inpainter:
+        if self.resolve(engine) == "diffusion":
+            assert self._diffusion is not None
+            return self._diffusion
+        return inpaint_classical
 
     def _look_again(
         self, cleaned: np.ndarray, hard: np.ndarray, languages: Collection[str]
@@ -131,3 +175,14 @@ class TextEraser:
             found = self._detector.detect(cleaned[y0:y1, x0:x1], read=False, languages=languages)
             boxes.extend(box.shifted(x0, y0) for box in found)
         return boxes
+
+
+def _fill_pass(
+    fill: Inpainter, rgb: np.ndarray, layer: TextMask, budget: _Deadline, attempt: int
+) -> np.ndarray:
+    """``rgb`` with ``layer`` filled and blended in through its feathered edge."""
+    try:
+        filled = fill(rgb, layer.hard, layer.soft > 0, budget.at)
+    except TimeoutError as exc:  # the inpainter stopped at the deadline
+        raise budget.passed(f"while filling (pass {attempt})") from exc
+    return composite(rgb, filled, layer.soft)
