@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import base64
+import inspect
+import re
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import REPO
 from tests.support.render import LATIN_FONT, cjk_font, png_bytes, product_scene, with_text
 from zimage_stream.engine import ImageEngine
 from zimage_stream.engine.inpaint import DiffusionInpainter
@@ -22,7 +26,7 @@ from zimage_stream.erase.ocr import LANGUAGES, RapidOcrDetector, TextBox
 from zimage_stream.erase.sources import MAX_SOURCE_BYTES
 from zimage_stream.errors import InferenceTimeoutError, ZImageError
 from zimage_stream.schemas import ImageSource
-from zimage_stream.settings import EngineSettings, StorageSettings
+from zimage_stream.settings import StorageSettings
 from zimage_stream.storage import Storage
 
 RED, DARK = (200, 20, 20), (25, 25, 25)
@@ -36,15 +40,6 @@ def detector() -> RapidOcrDetector:
 @pytest.fixture(scope="module")
 def eraser(detector: RapidOcrDetector) -> TextEraser:
     return TextEraser(detector)
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir: Path) -> ImageEngine:
-    engine = ImageEngine(
-        EngineSettings(model="tiny", dtype="float32", tiny_model_dir=tiny_model_dir)
-    )
-    engine.load()
-    return engine
 
 
 def _texts() -> list:
@@ -106,6 +101,29 @@ def test_both_languages_erase_both_lines(eraser: TextEraser) -> None:
     image, english, chinese = _two_lines()
     result = eraser.erase(decode_image(png_bytes(image)), "classical", languages=["en", "ch"])
     assert result.mask[english].all() and result.mask[chinese].all()
+
+
+def test_the_rapidocr_internals_used_here_are_there(detector: RapidOcrDetector) -> None:
+    # erase/ocr.py calls DBPostProcess, RapidOCR.get_crop_img_list and text_rec itself;
+    # pyproject.toml pins the version they were written against, and this says when an
+    # upgrade moves them.
+    from rapidocr_onnxruntime import RapidOCR
+    from rapidocr_onnxruntime.ch_ppocr_det.utils import DBPostProcess
+
+    pinned = re.search(r'"rapidocr-onnxruntime==([^"]+)"', (REPO / "pyproject.toml").read_text())
+    assert pinned and version("rapidocr-onnxruntime") == pinned.group(1)
+
+    def params(function: Any) -> list[str]:
+        return list(inspect.signature(function).parameters)
+
+    made = {"thresh", "box_thresh", "unclip_ratio", "max_candidates", "use_dilation"}
+    assert made <= set(params(DBPostProcess))
+    assert params(DBPostProcess.__call__) == ["self", "pred", "ori_shape"]
+    assert params(RapidOCR.get_crop_img_list) == ["self", "img", "dt_boxes"]
+    assert params(RapidOCR().text_rec.__call__)[0] == "img_list"
+    rendered = with_text(product_scene(512, 256), [("SALE 50% OFF", (40, 80), LATIN_FONT, 40, RED)])
+    (box,) = detector.detect(np.asarray(rendered.image))
+    assert box.polygon.shape == (4, 2) and "SALE" in box.text
 
 
 def test_the_mask_covers_every_stroke_and_nothing_else_changes(eraser: TextEraser) -> None:

@@ -9,9 +9,8 @@ it has passed, the erase stops with the contract's ``timeout``.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import cv2
 import numpy as np
@@ -42,23 +41,14 @@ class EraseResult:
     seconds: float
 
 
-class Inpainter(Protocol):
-    """Fills text in an image; the eraser blends the result in through the feathered mask.
+Inpainter = Callable[[np.ndarray, np.ndarray, np.ndarray, float | None], np.ndarray]
+"""Fills text in an image: ``fill(rgb, hard, region, deadline)``.
 
-    ``rgb`` is the image (H, W, 3 uint8), ``hard`` what must be filled (H, W uint8, 0 or
-    255) and ``region`` the whole feathered area around it (H, W bool); it returns the
-    full-size filled image (H, W, 3 uint8), not yet blended. Past ``deadline``
-    (``time.monotonic()``, or None for none) it stops early with a ``TimeoutError`` (the
-    engine's ``DeadlineExceeded`` is one).
-    """
-
-    def __call__(
-        self,
-        rgb: np.ndarray,
-        hard: np.ndarray,
-        region: np.ndarray,
-        deadline: float | None = None,
-    ) -> np.ndarray: ...
+``rgb`` is the image (H, W, 3 uint8), ``hard`` what must be filled (H, W uint8, 0 or 255)
+and ``region`` the whole feathered area around it (H, W bool). It returns the full-size
+filled image (H, W, 3 uint8), not yet blended: the eraser blends it in through the
+feathered mask. Past ``deadline`` (``time.monotonic()``, or None for none) it stops
+early with a ``TimeoutError`` (the engine's ``DeadlineExceeded`` is one)."""
 
 
 @dataclass(frozen=True)

