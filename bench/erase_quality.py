@@ -32,9 +32,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
-from zimage_stream.eraser import TextEraser
-from zimage_stream.ocr import RapidOcrDetector
-from zimage_stream.sources import decode_image
+from zimage_stream.erase import TextEraser, decode_image
+from zimage_stream.erase.ocr import RapidOcrDetector
 
 LATIN = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
 CJK = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from zimage_stream.engine import ImageEngine
 from zimage_stream.engine.tiny import ensure_tiny_pipeline
-from zimage_stream.settings import Settings
+from zimage_stream.settings import EngineSettings, Settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,6 +20,16 @@ def tiny_model_dir() -> Path:
     """The miniature random-weight pipeline, saved as a real diffusers folder."""
     directory = Path(os.environ.get("ZIMAGE_TEST_TINY_DIR", REPO / ".cache" / "zimage-tiny"))
     return ensure_tiny_pipeline(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir: Path) -> ImageEngine:
+    """The miniature model loaded in float32 (fast on a CPU), once per test module."""
+    engine = ImageEngine(
+        EngineSettings(model="tiny", dtype="float32", tiny_model_dir=tiny_model_dir)
+    )
+    engine.load()
+    return engine
 
 
 @pytest.fixture

@@ -12,10 +12,9 @@ from PIL import Image
 
 from tests.integration.conftest import KafkaIO
 from tests.support.render import LATIN_FONT, png_bytes, product_scene, with_text
-from zimage_stream.eraser import TextEraser
-from zimage_stream.ocr import RapidOcrDetector
+from zimage_stream.erase import SourceImage, TextEraser
+from zimage_stream.erase.ocr import RapidOcrDetector
 from zimage_stream.settings import Settings
-from zimage_stream.sources import SourceImage
 from zimage_stream.testing import running_worker
 
 

@@ -97,8 +97,8 @@ async def test_worker_stores_images_in_s3(
 
 
 async def test_missing_s3_objects_read_as_not_found(s3_endpoint: str, unique: str) -> None:
+    from zimage_stream.erase import read_source
     from zimage_stream.schemas import ImageSource
-    from zimage_stream.sources import read_source
 
     bucket = f"sources-{unique}"
     storage = _storage(s3_endpoint, bucket)

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import base64
+import inspect
+import re
 import sys
+import time
+from importlib.metadata import version
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import REPO
 from tests.support.render import LATIN_FONT, cjk_font, png_bytes, product_scene, with_text
-from zimage_stream.eraser import TextEraser
-from zimage_stream.errors import ZImageError
-from zimage_stream.ocr import RapidOcrDetector
+from zimage_stream.engine import ImageEngine
+from zimage_stream.engine.inpaint import DiffusionInpainter
+from zimage_stream.erase import TextEraser, decode_image, make_detector, read_source
+from zimage_stream.erase.classical import inpaint_classical
+from zimage_stream.erase.ocr import LANGUAGES, RapidOcrDetector, TextBox
+from zimage_stream.erase.sources import MAX_SOURCE_BYTES
+from zimage_stream.errors import InferenceTimeoutError, ZImageError
 from zimage_stream.schemas import ImageSource
 from zimage_stream.settings import StorageSettings
-from zimage_stream.sources import MAX_SOURCE_BYTES, decode_image, read_source
 from zimage_stream.storage import Storage
 
 RED, DARK = (200, 20, 20), (25, 25, 25)
@@ -52,6 +60,70 @@ def test_text_is_found_in_both_languages(detector: RapidOcrDetector) -> None:
     rendered = with_text(product_scene(), _texts())
     found = " ".join(box.text for box in detector.detect(np.asarray(rendered.image)))
     assert "SALE" in found and "限时" in found
+
+
+def _two_lines() -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    """A scene with an English and a Chinese line, and each line's stroke pixels."""
+    font = cjk_font()
+    if font is None:
+        pytest.skip("no CJK font (apt-get install fonts-wqy-zenhei)")
+    english = with_text(product_scene(), [("SALE 50% OFF", (60, 60), LATIN_FONT, 48, RED)])
+    both = with_text(english.image, [("限时特惠 包邮", (560, 650), font, 56, DARK)])
+    return both.image, english.strokes, both.strokes
+
+
+def _around(strokes: np.ndarray, pad: int = 4) -> tuple[slice, slice]:
+    ys, xs = np.nonzero(strokes)
+    return slice(ys.min() - pad, ys.max() + pad + 1), slice(xs.min() - pad, xs.max() + pad + 1)
+
+
+def _has_cjk(text: str) -> bool:
+    return any("\u4e00" <= char <= "\u9fff" for char in text)
+
+
+@pytest.mark.parametrize(
+    ("languages", "erased", "kept"), [(["en"], "en", "ch"), (["ch"], "ch", "en")]
+)
+def test_only_the_asked_languages_are_erased(
+    eraser: TextEraser, languages: list[str], erased: str, kept: str
+) -> None:
+    image, english, chinese = _two_lines()
+    strokes = {"en": english, "ch": chinese}
+    result = eraser.erase(decode_image(png_bytes(image)), "classical", languages=languages)
+    out, before = np.asarray(result.image), np.asarray(image)
+    box = _around(strokes[kept])
+    assert np.array_equal(out[box], before[box]), f"the {kept} line was touched"
+    assert result.mask[strokes[erased]].all(), f"the {erased} line was not erased"
+    assert result.regions and all(_has_cjk(r.text) == (erased == "ch") for r in result.regions)
+
+
+def test_both_languages_erase_both_lines(eraser: TextEraser) -> None:
+    image, english, chinese = _two_lines()
+    result = eraser.erase(decode_image(png_bytes(image)), "classical", languages=["en", "ch"])
+    assert result.mask[english].all() and result.mask[chinese].all()
+
+
+def test_the_rapidocr_internals_used_here_are_there(detector: RapidOcrDetector) -> None:
+    # erase/ocr.py calls DBPostProcess, RapidOCR.get_crop_img_list and text_rec itself;
+    # pyproject.toml pins the version they were written against, and this says when an
+    # upgrade moves them.
+    from rapidocr_onnxruntime import RapidOCR
+    from rapidocr_onnxruntime.ch_ppocr_det.utils import DBPostProcess
+
+    pinned = re.search(r'"rapidocr-onnxruntime==([^"]+)"', (REPO / "pyproject.toml").read_text())
+    assert pinned and version("rapidocr-onnxruntime") == pinned.group(1)
+
+    def params(function: Any) -> list[str]:
+        return list(inspect.signature(function).parameters)
+
+    made = {"thresh", "box_thresh", "unclip_ratio", "max_candidates", "use_dilation"}
+    assert made <= set(params(DBPostProcess))
+    assert params(DBPostProcess.__call__) == ["self", "pred", "ori_shape"]
+    assert params(RapidOCR.get_crop_img_list) == ["self", "img", "dt_boxes"]
+    assert params(RapidOCR().text_rec.__call__)[0] == "img_list"
+    rendered = with_text(product_scene(512, 256), [("SALE 50% OFF", (40, 80), LATIN_FONT, 40, RED)])
+    (box,) = detector.detect(np.asarray(rendered.image))
+    assert box.polygon.shape == (4, 2) and "SALE" in box.text
 
 
 def test_the_mask_covers_every_stroke_and_nothing_else_changes(eraser: TextEraser) -> None:
@@ -178,16 +250,9 @@ async def test_uri_sources_stay_inside_the_storage_root(tmp_path: Path) -> None:
 
 
 def test_diffusion_engine_runs_end_to_end_on_the_miniature_model(
-    detector: RapidOcrDetector, tiny_model_dir: Path
+    detector: RapidOcrDetector, tiny_engine: ImageEngine
 ) -> None:
-    from zimage_stream.engine import ImageEngine
-    from zimage_stream.engine.inpaint import DiffusionInpainter
-    from zimage_stream.settings import EngineSettings
-
-    engine = ImageEngine(
-        EngineSettings(model="tiny", dtype="float32", tiny_model_dir=tiny_model_dir)
-    )
-    engine.load()
+    engine = tiny_engine
     inpainter = DiffusionInpainter(engine, steps=2, model_px=256)
     eraser = TextEraser(detector, diffusion=inpainter, prefer_diffusion=True)
     assert eraser.resolve("auto") == "diffusion" and eraser.resolve("classical") == "classical"
@@ -199,6 +264,57 @@ def test_diffusion_engine_runs_end_to_end_on_the_miniature_model(
     assert (out != before).any(-1)[rendered.strokes].mean() > 0.5  # the text was repainted
     # from_pipe shares the loaded weights: no second copy of the transformer.
     assert inpainter._pipe.transformer is engine.pipeline.transformer
+
+
+class _StandInDetector:
+    """Finds one fixed line of text, after ``delay_s``."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+
+    def detect(
+        self, rgb: np.ndarray, read: bool = True, languages: object = LANGUAGES
+    ) -> list[TextBox]:
+        time.sleep(self.delay_s)
+        corners = np.array([[40, 40], [200, 40], [200, 80], [40, 80]], np.float32)
+        return [TextBox(corners, "SALE", 0.9)]
+
+
+def test_erasing_stops_once_its_deadline_passes() -> None:
+    eraser = TextEraser(_StandInDetector(delay_s=0.3))
+    source = decode_image(png_bytes(product_scene(256, 256)))
+    with pytest.raises(InferenceTimeoutError, match="budget") as info:
+        eraser.erase(source, "classical", deadline=time.monotonic() + 0.1)
+    assert info.value.code == "timeout" and info.value.retriable
+
+
+def test_classical_filling_stops_between_regions_at_the_deadline() -> None:
+    rgb = np.full((100, 200, 3), 128, np.uint8)
+    hard = np.zeros((100, 200), np.uint8)
+    hard[10:20, 10:20] = hard[10:20, 150:160] = 255
+    with pytest.raises(TimeoutError):
+        inpaint_classical(rgb, hard, hard > 0, deadline=time.monotonic())
+    assert inpaint_classical(rgb, hard, hard > 0, deadline=time.monotonic() + 60).shape == rgb.shape
+
+
+def test_diffusion_erasing_stops_between_denoising_steps_at_the_deadline(
+    tiny_engine: ImageEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deadline, steps, frees = time.monotonic() + 3, [], []
+
+    def slow_steps(where: str, value: int) -> None:
+        if where == "step":
+            steps.append(value)
+            time.sleep(max(0.0, deadline - time.monotonic()))
+
+    monkeypatch.setattr(tiny_engine, "fault_hook", slow_steps)
+    monkeypatch.setattr(tiny_engine, "free_memory", lambda: frees.append(1))
+    inpainter = DiffusionInpainter(tiny_engine, steps=4, model_px=256)
+    eraser = TextEraser(_StandInDetector(), diffusion=inpainter, prefer_diffusion=True)
+    source = decode_image(png_bytes(product_scene(512, 384)))
+    with pytest.raises(InferenceTimeoutError, match="budget"):
+        eraser.erase(source, "diffusion", deadline=deadline)
+    assert steps == [1] and frees == [1]  # stopped after the first step; memory freed
 
 
 def _grain_and_stripes(
@@ -260,8 +376,6 @@ def test_small_text_in_a_large_photo_is_found_through_tiling(eraser: TextEraser)
 
 
 def test_easyocr_backend_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from zimage_stream.ocr import make_detector
-
     monkeypatch.setitem(sys.modules, "easyocr", None)  # import fails: not installed
     with pytest.raises(ZImageError) as info:
         make_detector("easyocr")
@@ -294,8 +408,6 @@ def test_easyocr_backend_keeps_downloads_off_and_reads_boxes(
 ) -> None:
     import types
 
-    from zimage_stream.ocr import make_detector
-
     monkeypatch.setitem(sys.modules, "easyocr", types.SimpleNamespace(Reader=_FakeReader))
     with pytest.raises(ZImageError) as info:
         make_detector("easyocr", model_dir=tmp_path / "empty")
@@ -309,3 +421,7 @@ def test_easyocr_backend_keeps_downloads_off_and_reads_boxes(
     assert read.text == "SALE" and read.polygon.shape == (4, 2) and read.height == 20
     boxes = detector.detect(rgb, read=False)  # horizontal and free-form boxes, unread
     assert [b.polygon.tolist()[0] for b in boxes] == [[10, 10], [5, 50]]
+    # Looking for Chinese only, the English reading is dropped, even when asked not to read.
+    assert detector.detect(rgb, languages=["ch"]) == []
+    assert detector.detect(rgb, read=False, languages=["ch"]) == []
+    assert len(detector.detect(rgb, read=False, languages=["en"])) == 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zimage_stream.masks import GROW_SHARE, LINE_END_SHARE, composite, text_mask
-from zimage_stream.ocr import TextBox
+from zimage_stream.erase.masks import GROW_SHARE, LINE_END_SHARE, composite, text_mask
+from zimage_stream.erase.ocr import TextBox
 
 
 def _box(centre: tuple[float, float], length: float, height: float, degrees: float) -> TextBox:

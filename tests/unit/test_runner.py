@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine
-from zimage_stream.runner import RunStats, run_batch
+from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine, RunStats, run_batch
 from zimage_stream.settings import EngineSettings
 
 SHAPE = BatchShape(width=128, height=128, num_inference_steps=8, guidance_scale=0.0)
@@ -21,22 +19,13 @@ SHAPE = BatchShape(width=128, height=128, num_inference_steps=8, guidance_scale=
 JOBS = [GenerateJob(f"a red mug on a table {i}", 1, 10 + i) for i in range(4)]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path) -> ImageEngine:
-    engine = ImageEngine(
-        EngineSettings(model="tiny", dtype="float32", tiny_model_dir=tiny_model_dir)
-    )
-    engine.load()
-    return engine
-
-
 @pytest.fixture
-def engine(loaded: ImageEngine, monkeypatch: pytest.MonkeyPatch) -> Iterator[ImageEngine]:
+def engine(tiny_engine: ImageEngine, monkeypatch: pytest.MonkeyPatch) -> Iterator[ImageEngine]:
     frees: list[int] = []
-    monkeypatch.setattr(loaded, "free_memory", lambda: frees.append(1))
-    loaded.frees = frees  # type: ignore[attr-defined]
-    yield loaded
-    loaded.fault_hook = None
+    monkeypatch.setattr(tiny_engine, "free_memory", lambda: frees.append(1))
+    tiny_engine.frees = frees  # type: ignore[attr-defined]
+    yield tiny_engine
+    tiny_engine.fault_hook = None
 
 
 def _calls(engine: ImageEngine, fault: Any) -> list[int]:

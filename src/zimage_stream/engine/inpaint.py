@@ -3,7 +3,11 @@
 ``from_pipe`` shares the already loaded modules, so no second copy of the weights is
 made. Large product photos are not resized as a whole: each text region is cut out as a
 square crop around it, brought to model resolution, inpainted, scaled back and pasted
-in through the feathered mask, so a 4000 px photo costs what its text costs.
+in, so a 4000 px photo costs what its text costs.
+
+It takes plain arrays and knows nothing of text: the worker hands it to the eraser,
+which decides what to fill and blends the result in. Past its deadline a call stops
+between two denoising steps with ``DeadlineExceeded``, after freeing device memory.
 """
 
 from __future__ import annotations
@@ -15,8 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..masks import TextMask, composite
-from .pipeline import ImageEngine
+from .pipeline import DeadlineExceeded, ImageEngine
 
 PROMPT = "clean empty product photo background, seamless surface, no text, no watermark"
 MIN_CROP_PX = 256
@@ -32,16 +35,30 @@ class DiffusionInpainter:
         self._model_px = model_px
         self._pipe: Any = None
 
-    def __call__(self, rgb: np.ndarray, mask: TextMask) -> np.ndarray:
+    def __call__(
+        self,
+        rgb: np.ndarray,
+        hard: np.ndarray,
+        region: np.ndarray,
+        deadline: float | None = None,
+    ) -> np.ndarray:
+        """The full-size image with ``hard`` (uint8, 255 = fill) repainted, one square crop
+        around each connected part of ``region`` (bool); not yet blended. ``deadline``
+        (``time.monotonic()``): past it, ``DeadlineExceeded`` after the current step."""
         filled = rgb.copy()
-        for x0, y0, x1, y1 in _crops(mask.soft > 0, rgb.shape[:2]):
-            crop = Image.fromarray(rgb[y0:y1, x0:x1])
-            hole = Image.fromarray(mask.hard[y0:y1, x0:x1])
-            result = self._inpaint(crop, hole)
-            filled[y0:y1, x0:x1] = np.asarray(result.resize(crop.size, Image.Resampling.LANCZOS))
-        return composite(rgb, filled, mask.soft)
+        try:
+            for x0, y0, x1, y1 in _crops(region, rgb.shape[:2]):
+                crop = Image.fromarray(rgb[y0:y1, x0:x1])
+                hole = Image.fromarray(hard[y0:y1, x0:x1])
+                result = self._inpaint(crop, hole, deadline)
+                size = crop.size
+                filled[y0:y1, x0:x1] = np.asarray(result.resize(size, Image.Resampling.LANCZOS))
+        except DeadlineExceeded:
+            self._engine.free_memory()
+            raise
+        return filled
 
-    def _inpaint(self, crop: Image.Image, hole: Image.Image) -> Image.Image:
+    def _inpaint(self, crop: Image.Image, hole: Image.Image, deadline: float | None) -> Image.Image:
         side = min(self._model_px, max(MIN_CROP_PX, (max(crop.size) + 15) // 16 * 16))
         pipe = self._inpaint_pipe()
         output = pipe(
@@ -54,6 +71,7 @@ class DiffusionInpainter:
             num_inference_steps=self._steps,
             guidance_scale=0.0,
             generator=torch.Generator(device="cpu").manual_seed(0),
+            callback_on_step_end=self._engine.step_callback(None, self._steps, deadline),
         )
         image: Image.Image = output.images[0]
         return image

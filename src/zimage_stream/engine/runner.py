@@ -20,8 +20,8 @@ import structlog
 import torch
 from PIL import Image
 
-from .engine.pipeline import BatchShape, DeadlineExceeded, GenerateJob, ImageEngine
-from .errors import InferenceTimeoutError, OutOfMemoryError, ZImageError
+from ..errors import InferenceTimeoutError, OutOfMemoryError, ZImageError
+from .pipeline import BatchShape, DeadlineExceeded, GenerateJob, ImageEngine
 
 log = structlog.get_logger(__name__)
 

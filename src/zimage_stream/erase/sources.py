@@ -21,14 +21,14 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import (
+from ..errors import (
     SourceForbiddenError,
     SourceNotFoundError,
     SourceTooLargeError,
     SourceUnreadableError,
 )
-from .schemas import ImageSource
-from .storage import Storage
+from ..schemas import ImageSource
+from ..storage import Storage
 
 MAX_SOURCE_BYTES = 10 * 1024 * 1024
 MAX_SOURCE_PIXELS = 40_000_000  # about 6300 x 6300

@@ -1,0 +1,23 @@
+"""Text erasure: everything between a source image and the same image without its text.
+
+The room owns reading a source safely (``sources``), finding text (``ocr``), masking it
+(``masks``), filling it on the CPU (``classical``) and the pipeline that composes them
+(``eraser``). It takes plain arrays and is given what it does not own: the diffusion
+inpainter is injected by the worker, so nothing here imports the engine.
+"""
+
+from .eraser import EraseResult, Inpainter, TextEraser
+from .ocr import TextBox, TextDetector, make_detector
+from .sources import SourceImage, decode_image, read_source
+
+__all__ = [
+    "EraseResult",
+    "Inpainter",
+    "SourceImage",
+    "TextBox",
+    "TextDetector",
+    "TextEraser",
+    "decode_image",
+    "make_detector",
+    "read_source",
+]
