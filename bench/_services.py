@@ -68,7 +68,7 @@ class Receiver:
         self.arrived: dict[str, tuple[float, dict]] = {}
         self._settings = settings
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
+            bootstrap_servers=settings.kafka.bootstrap_servers,
             group_id=None,
             enable_auto_commit=False,
             fetch_max_wait_ms=5,
@@ -77,7 +77,7 @@ class Receiver:
 
     async def start(self) -> None:
         await self._consumer.start()
-        topic = self._settings.results_topic
+        topic = self._settings.kafka.results_topic
         await self._consumer.topics()
         partitions = [
             TopicPartition(topic, p)

@@ -56,7 +56,7 @@ async def run(requests: int, repeat_share: float, warm: int, rate: float) -> Non
             async def send(request: dict) -> None:
                 sent[request["request_id"]] = time.perf_counter()
                 await producer.send_and_wait(
-                    settings.requests_topic,
+                    settings.kafka.requests_topic,
                     json.dumps(request).encode(),
                     key=request["request_id"].encode(),
                 )

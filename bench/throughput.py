@@ -63,14 +63,14 @@ def workload(requests: int, repeat_share: float, steps: int) -> list[dict[str, A
 
 
 async def publish_all(settings: Settings, items: list[dict[str, Any]]) -> dict[str, float]:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, linger_ms=5)
     await producer.start()
     sent = {}
     try:
         for item in items:
             sent[item["request_id"]] = time.perf_counter()
             await producer.send(
-                settings.requests_topic,
+                settings.kafka.requests_topic,
                 json.dumps(item).encode(),
                 key=item["request_id"].encode(),
             )
@@ -84,20 +84,20 @@ async def naive_service(settings: Settings, count: int, engine: ImageEngine) -> 
     """Serve ``count`` requests one at a time; returns seconds inside model calls."""
     storage = Storage.from_settings(settings.storage)
     consumer = AIOKafkaConsumer(
-        settings.requests_topic,
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=f"naive-{settings.group_id}",
+        settings.kafka.requests_topic,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=f"naive-{settings.kafka.group_id}",
         auto_offset_reset="earliest",
         fetch_max_wait_ms=5,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
     await consumer.start()
     await producer.start()
     busy, served = 0.0, 0
     try:
         while served < count:
             record = await consumer.getone()
-            request = parse_request(record.value, settings.max_message_bytes)
+            request = parse_request(record.value, settings.kafka.max_message_bytes)
             params = request.params
             arrived = record.timestamp / 1000
             started = time.perf_counter()
@@ -130,7 +130,7 @@ async def naive_service(settings: Settings, count: int, engine: ImageEngine) -> 
                 timings_ms=Timings(queued=0, inference=0, total=(time.time() - arrived) * 1000),
             )
             await producer.send_and_wait(
-                settings.results_topic, result.to_bytes(), key=request.request_id.encode()
+                settings.kafka.results_topic, result.to_bytes(), key=request.request_id.encode()
             )
             served += 1
     finally:

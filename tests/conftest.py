@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from zimage_stream.engine import ImageEngine
 from zimage_stream.engine.tiny import ensure_tiny_pipeline
 from zimage_stream.settings import EngineSettings, Settings
+from zimage_stream.testing import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,6 +32,17 @@ def tiny_engine(tiny_model_dir: Path) -> ImageEngine:
     )
     engine.load()
     return engine
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private Redis (tests stop and restart it); skipped where no redis-server exists."""
+    try:
+        server = RedisServer.on_free_port()
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
+    with server:
+        yield server
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ def asyncapi_document(settings: KafkaSettings | None = None) -> dict[str, Any]:
             "title": "zimage-stream",
             "version": __version__,
             "description": (
-                "Image requests in, result events out (see ../shared/CONTRACT.md). "
+                "Image requests in, result events out (see docs/CONTRACT.md). "
                 "At-least-once: a request may be answered more than once, identically."
             ),
         },

@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .schemas import GenerateRequest, ImageRef, ModelInfo, TextRegion
+from .settings import CacheSettings
 from .styles import style_prompt
 
 log = structlog.get_logger(__name__)
@@ -85,18 +86,11 @@ def _digest(canonical: Mapping[str, object]) -> str:
 
 @dataclass
 class CacheStats:
-    """Counters for the metrics endpoint and the benchmarks."""
+    """The backend's health, for the tests and the benchmarks (hits and misses are the
+    fast path's to count: ``dedup.DedupStats``)."""
 
-    hits: int = 0
-    misses: int = 0
-    stale: int = 0  # entries whose objects were gone from storage
     errors: int = 0
     lookup_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
 
 
 class Backend(Protocol):
@@ -237,12 +231,14 @@ class ResultCache:
         self.stats = CacheStats()
 
     @classmethod
-    def create(
-        cls, redis_url: str, ttl_s: float, request_ttl_s: float, timeout_s: float = 0.25
-    ) -> ResultCache:
-        """Redis when ``redis_url`` is set, else process memory."""
-        backend: Backend = RedisBackend(redis_url, timeout_s) if redis_url else MemoryBackend()
-        return cls(backend, ttl_s, request_ttl_s)
+    def from_settings(cls, settings: CacheSettings) -> ResultCache:
+        """Redis when ``ZIMAGE_REDIS_URL`` is set, else process memory."""
+        backend: Backend = (
+            RedisBackend(settings.redis_url, settings.redis_timeout_ms / 1000)
+            if settings.redis_url
+            else MemoryBackend()
+        )
+        return cls(backend, settings.ttl_s, settings.request_id_ttl_s)
 
     async def start(self) -> None:
         await self._backend.start()

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__
 from .logs import configure_logging
-from .schemas import SCHEMA_VERSION, json_schemas
+from .schemas import json_schemas
 from .settings import Settings
 from .styles import STYLE_NAMES
 
@@ -109,40 +109,6 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-id", default=None)
 
 
-def generate_request(
-    prompt: str,
-    request_id: str,
-    style: str | None = None,
-    width: int = 1024,
-    height: int = 1024,
-    num_images: int = 4,
-    seed: int | None = None,
-    steps: int = 8,
-    guidance: float = 0.0,
-) -> dict[str, Any]:
-    """A ``generate`` request event as a JSON-ready dict."""
-    from datetime import UTC, datetime
-
-    params: dict[str, Any] = {
-        "prompt": prompt,
-        "style": style,
-        "width": width,
-        "height": height,
-        "num_images": num_images,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance,
-    }
-    if seed is not None:
-        params["seed"] = seed
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "request_id": request_id,
-        "task": "generate",
-        "params": params,
-        "submitted_at": datetime.now(UTC).isoformat(),
-    }
-
-
 def _schema(args: argparse.Namespace) -> int:
     from .asyncapi import asyncapi_document
 
@@ -171,7 +137,7 @@ def _worker(_args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     settings = Settings()
     configure_logging()
-    from .client import ResultWaiter, new_request_id, publish_request
+    from .client import ResultWaiter, generate_request, new_request_id, publish_request
     from .topics import ensure_topics
 
     request = generate_request(
@@ -209,19 +175,15 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _erase(args: argparse.Namespace) -> int:
-    from .eraser import TextEraser
+    from .erase import TextEraser, decode_image, detector_for
     from .errors import ZImageError
-    from .ocr import make_detector
-    from .sources import decode_image
 
     configure_logging(json_logs=False, level="WARNING")
     settings = Settings()
     try:
         source = decode_image(args.image.read_bytes())
-        detector = make_detector(
-            settings.ocr_backend, settings.ocr_model_dir, settings.ocr_allow_download
-        )
-        result = TextEraser(detector).erase(source, args.engine)
+        eraser = TextEraser(detector_for(settings.ocr), **_diffusion(settings, args.engine))
+        result = eraser.erase(source, args.engine)
     except FileNotFoundError:
         print(f"error: {args.image} does not exist", file=sys.stderr)
         return 2
@@ -245,6 +207,25 @@ def _erase(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _diffusion(settings: Settings, engine: str) -> dict[str, Any]:
+    """The diffusion inpainter for ``erase`` when the engine asks for it (``auto`` does on a
+    GPU): the model named by ``ZIMAGE_MODEL`` is loaded for it."""
+    from .engine import ImageEngine
+    from .engine.device import resolve_device
+    from .engine.inpaint import DiffusionInpainter
+
+    if engine == "classical" or (
+        engine == "auto" and resolve_device(settings.engine.device) == "cpu"
+    ):
+        return {}
+    model = ImageEngine(settings.engine)
+    model.load()
+    return {
+        "diffusion": DiffusionInpainter(model),
+        "prefer_diffusion": model.report.device != "cpu",
+    }
 
 
 def _when(text: str) -> datetime:

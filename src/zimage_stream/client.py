@@ -1,22 +1,57 @@
-"""Publishing requests and waiting for their results (``zimage-stream submit``, the demo)."""
+"""Making and publishing requests, and waiting for their results (``zimage-stream
+submit``, the demo, the benchmarks)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tqdm import tqdm
 
 from .kafka_security import security_options
-from .schemas import ProgressEvent, ResultEvent
+from .schemas import SCHEMA_VERSION, ProgressEvent, ResultEvent
 from .settings import KafkaSettings
 
 
 def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex[:16]}"
+
+
+def generate_request(
+    prompt: str,
+    request_id: str,
+    style: str | None = None,
+    width: int = 1024,
+    height: int = 1024,
+    num_images: int = 4,
+    seed: int | None = None,
+    steps: int = 8,
+    guidance: float = 0.0,
+) -> dict[str, Any]:
+    """A ``generate`` request event as a JSON-ready dict, stamped ``submitted_at`` now."""
+    params: dict[str, Any] = {
+        "prompt": prompt,
+        "style": style,
+        "width": width,
+        "height": height,
+        "num_images": num_images,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+    }
+    if seed is not None:
+        params["seed"] = seed
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "request_id": request_id,
+        "task": "generate",
+        "params": params,
+        "submitted_at": datetime.now(UTC).isoformat(),
+    }
 
 
 class ResultWaiter:
@@ -100,8 +135,6 @@ async def publish_request(
     settings: KafkaSettings, request: dict[str, Any], headers: list[tuple[str, bytes]] | None = None
 ) -> None:
     """Publish one request event keyed by its request id."""
-    import json
-
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers, acks="all", **security_options(settings)
     )

@@ -1,9 +1,16 @@
-"""Reading requests: an aiokafka consumer group member that commits only answered offsets."""
+"""Reading requests: an aiokafka consumer group member that commits only answered offsets.
+
+The commit loop lives here, in one home, as quix-streams' ``Checkpoint`` does it: when
+answers come in, the producer is flushed first and then every partition is committed up
+to its lowest unanswered offset. Bursts of answers coalesce into one commit.
+"""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -24,11 +31,6 @@ class Delivery:
 
     record: ConsumerRecord[bytes, bytes]
     tracker: OffsetTracker
-    received_monotonic: float = field(default_factory=time.monotonic)
-
-    @property
-    def partition(self) -> TopicPartition:
-        return TopicPartition(self.record.topic, self.record.partition)
 
     @property
     def source(self) -> tuple[str, int, int]:
@@ -43,18 +45,32 @@ class RequestConsumer:
     """Consumer-group member on the requests topic with manual, contiguous commits.
 
     ``fetch`` returns records as :class:`Delivery` objects; the worker calls ``done`` when a
-    record's answer is acknowledged and ``commit`` to commit every partition up to its
-    lowest unanswered offset. On a rebalance, revoked partitions commit what they can and
-    their trackers are dropped: answers still in flight for them are published but not
-    committed, so the new owner reprocesses those records (at-least-once, idempotent).
+    record's answer is acknowledged, and the commit loop (started with the consumer) then
+    runs ``flush`` (the producer's, so nothing acknowledged is still buffered) and commits
+    every partition up to its lowest unanswered offset. On a rebalance, revoked partitions
+    commit what they can and their trackers are dropped: answers still in flight for them
+    are published but not committed, so the new owner reprocesses those records
+    (at-least-once, idempotent). ``stop`` commits once more and leaves the group.
     """
 
-    def __init__(self, settings: KafkaSettings, **client_options: Any) -> None:
+    #: the commit loop's pause after a commit, so a burst of answers makes one commit
+    COALESCE_S = 0.02
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        flush: Callable[[], Awaitable[None]] | None = None,
+        **client_options: Any,
+    ) -> None:
         self._settings = settings
+        self._flush = flush
         self._client_options = {**security_options(settings), **client_options}
         self._consumer: AIOKafkaConsumer | None = None
         self._trackers: dict[TopicPartition, OffsetTracker] = {}
         self._paused = False
+        self._commit_wanted = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self._committer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self._consumer is not None:
@@ -77,12 +93,18 @@ class RequestConsumer:
         consumer.subscribe([s.requests_topic], listener=_Listener(self))
         await consumer.start()
         self._consumer = consumer
+        self._committer = asyncio.create_task(self._commit_loop(), name="committer")
 
     async def stop(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is None:
+        committer, self._committer = self._committer, None
+        if committer is not None:
+            committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await committer
+        if self._consumer is None:
             return
-        await self._commit(consumer, list(self._trackers))
+        await self.commit()
+        consumer, self._consumer = self._consumer, None
         await consumer.stop()  # leaves the group
         self._trackers.clear()
 
@@ -108,9 +130,15 @@ class RequestConsumer:
                 lag[tp.partition] = max(0, end - tracker.position())
         return lag
 
-    async def fetch(self, timeout_ms: int, max_records: int) -> list[Delivery]:
+    async def fetch(self, timeout_ms: int, max_in_flight: int) -> list[Delivery]:
+        """New records, at most as many as keep the records in flight (read, not yet
+        answered) within ``max_in_flight``. At the mark the partitions are paused, and
+        fetching resumes once half of them are answered; paused, the member still polls,
+        so it stays in its group however long the answers take."""
         consumer = self._require()
-        batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        batches = await consumer.getmany(
+            timeout_ms=timeout_ms, max_records=max(1, max_in_flight - self.in_flight)
+        )
         deliveries = []
         for tp, records in batches.items():
             tracker = self._trackers.get(tp)
@@ -119,13 +147,31 @@ class RequestConsumer:
             for record in records:
                 tracker.track(record.offset)
                 deliveries.append(Delivery(record, tracker))
+        if self.in_flight >= max_in_flight:
+            self.pause()
+        elif self.in_flight <= max_in_flight // 2:
+            self.resume()
         return deliveries
 
     def done(self, delivery: Delivery) -> None:
+        """The record's answer is acknowledged: its offset may be committed."""
         delivery.tracker.done(delivery.record.offset)
+        self._commit_wanted.set()
 
     async def commit(self) -> None:
-        await self._commit(self._require(), list(self._trackers))
+        """Flush the producer, then commit every partition up to its lowest unanswered
+        offset."""
+        async with self._commit_lock:
+            if self._flush is not None:
+                await self._flush()
+            await self._commit(self._require(), list(self._trackers))
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            await self.commit()
+            await asyncio.sleep(self.COALESCE_S)
 
     def pause(self) -> None:
         """Stop fetching (the member keeps polling, so it stays in its group)."""

@@ -7,30 +7,24 @@ request, prints the result and the paths of its images, then stops everything it
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import sys
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from .broker import EmbeddedBroker
-from .client import ResultWaiter, new_request_id, publish_request
+from .client import ResultWaiter, generate_request, new_request_id, publish_request
 from .settings import Settings
+from .testing import running_worker
 
 
 async def run_demo(settings: Settings, prompt: str, style: str, size: int) -> int:
     """Run the demo; returns the process exit code (0 when the request succeeded)."""
-    from .cli import generate_request
-    from .worker import Worker
-
     with EmbeddedBroker() as broker:
-        settings = settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers})
+        settings = settings.replace(kafka_bootstrap_servers=broker.bootstrap_servers)
         _say(f"broker: Tansu on {broker.bootstrap_servers}")
-        _say(f"model: {settings.model} ({settings.dtype}); loading and warming up ...")
-        worker = Worker(settings)
-        serving = asyncio.create_task(worker.run())
-        try:
-            await _wait_ready(worker, serving)
+        _say(f"model: {settings.engine.model} ({settings.engine.dtype}); loading and warming up")
+        # A real model may first be downloaded: the worker gets long to become ready.
+        async with running_worker(settings, ready_timeout_s=3600) as worker:
             report = worker.engine.report
             _say(f"ready: device={report.device} load={report.load_s}s warm-up={report.warmup_s}s")
             request = generate_request(prompt, new_request_id(), style, size, size)
@@ -44,23 +38,10 @@ async def run_demo(settings: Settings, prompt: str, style: str, size: int) -> in
                 )
             finally:
                 await waiter.stop()
-        finally:
-            worker.stop()
-            with contextlib.suppress(asyncio.CancelledError):
-                await serving
     print(result.model_dump_json(indent=2))
     for image in result.images:
         print(_local_path(image.uri))
     return 0 if result.status == "succeeded" else 1
-
-
-async def _wait_ready(worker: object, serving: asyncio.Task[None]) -> None:
-    ready = asyncio.create_task(worker.ready.wait())  # type: ignore[attr-defined]
-    done, _ = await asyncio.wait([ready, serving], return_when=asyncio.FIRST_COMPLETED)
-    if serving in done:
-        ready.cancel()
-        serving.result()  # raises the start-up error
-        raise RuntimeError("the worker stopped before it was ready")
 
 
 def _local_path(uri: str) -> str:

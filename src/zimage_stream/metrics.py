@@ -1,5 +1,5 @@
 """Prometheus metrics and the worker's small HTTP endpoint: ``/metrics``, ``/healthz``,
-``/readyz`` (``ZIMAGE_HTTP_PORT``; 0 turns it off).
+``/readyz`` (``ZIMAGE_HTTP_PORT``; 0 picks a free port, -1 turns it off).
 
 Counters and histograms are updated where things happen (results published, batches
 run); gauges that describe the worker's state (cache hits, device busy fraction, consumer
@@ -17,7 +17,13 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -65,8 +71,26 @@ class WorkerMetrics:
         )
         self.registry.register(_StateCollector(state))
 
+    def record_batch(self, requests: int, seconds: float) -> None:
+        self.batch_size.observe(requests)
+        self.inference_seconds.observe(seconds)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def routes(self, readiness: Callable[[], dict[str, Any]]) -> dict[str, Route]:
+        """``/metrics``; ``/healthz`` (alive while the process serves); ``/readyz``: 200
+        when ``readiness()`` says ``ready``, else 503, with its document as the body."""
+
+        def ready() -> tuple[int, str, bytes]:
+            document = readiness()
+            return json_response(200 if document["ready"] else 503, document)
+
+        return {
+            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, self.exposition()),
+            "/healthz": lambda: json_response(200, {"alive": True}),
+            "/readyz": ready,
+        }
 
 
 class _StateCollector(Collector):

@@ -14,6 +14,8 @@ from .settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
 
+PUBLISH_ATTEMPTS = 5
+
 
 class ResultProducer:
     """Writes to the results and DLQ topics; every send waits for the broker's ack."""
@@ -50,12 +52,28 @@ class ResultProducer:
         await self.stop()
 
     async def publish_result(
-        self, result: ResultEvent, key: bytes | None, headers: list[tuple[str, bytes]] | None = None
-    ) -> None:
-        """Publish one result keyed by its request id (or the original key when it has none)."""
+        self,
+        result: ResultEvent,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+        attempts: int = PUBLISH_ATTEMPTS,
+    ) -> bool:
+        """Publish one result keyed by its request id (or the original key when it has none),
+        trying ``attempts`` times with a growing pause; False when it could not be published
+        (the request's offset then stays uncommitted and is read again)."""
         if result.request_id is not None:
             key = result.request_id.encode()
-        await self._send(self._settings.results_topic, key, result.to_bytes(), headers or [])
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._send(
+                    self._settings.results_topic, key, result.to_bytes(), headers or []
+                )
+                return True
+            except Exception as exc:
+                log.warning("publish_failed", attempt=attempt, error=repr(exc))
+                await asyncio.sleep(min(2.0**attempt * 0.1, 5.0))
+        log.error("result_not_published", note="offset left uncommitted for redelivery")
+        return False
 
     async def publish_progress(self, event: ProgressEvent) -> None:
         """Best effort: a lost progress event only makes a progress bar skip."""
@@ -65,10 +83,6 @@ class ResultProducer:
             event.model_dump_json().encode(),
             [],
         )
-
-    async def publish_results(self, items: list[tuple[ResultEvent, bytes | None]]) -> None:
-        """Publish several results concurrently; returns when the broker acked all of them."""
-        await asyncio.gather(*(self.publish_result(result, key) for result, key in items))
 
     async def dead_letter(
         self,
@@ -92,6 +106,11 @@ class ResultProducer:
         kept = [(k, v) for k, v in headers or [] if k not in reserved]
         await self._send(self._settings.dlq_topic, key, value, kept + reason)
         log.warning("dead_lettered", code=code, source_partition=partition, source_offset=offset)
+
+    async def flush(self) -> None:
+        """Wait until everything sent so far is acknowledged (before offsets are committed)."""
+        if self._producer is not None:
+            await self._producer.flush()
 
     async def _send(
         self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]

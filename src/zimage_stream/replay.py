@@ -18,10 +18,8 @@ from tqdm import tqdm
 
 from .client import topic_partitions
 from .kafka_security import security_options
+from .schemas import FORCE_HEADER, REPLAY_HEADER
 from .settings import KafkaSettings
-
-REPLAY_HEADER = "replay"
-FORCE_HEADER = "replay-force"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Request and result events, exactly as ``../shared/CONTRACT.md`` (version 1) defines them.
+"""Request and result events, exactly as ``docs/CONTRACT.md`` (version 1) defines them.
 
 ``parse_request`` is the one entry point for bytes read from Kafka: it returns a validated
 request or raises a :class:`~zimage_stream.errors.ZImageError` whose message says how to fix
@@ -8,9 +8,11 @@ rejection can be answered.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -33,6 +35,13 @@ from .errors import (
 from .styles import StyleName
 
 SCHEMA_VERSION = 1
+
+#: optional headers (W3C trace context; replays made by ``zimage-stream replay``)
+TRACEPARENT_HEADER = "traceparent"
+REPLAY_HEADER = "replay"  # "1" on replayed requests and on their results
+FORCE_HEADER = "replay-force"  # "1": compute again, past the cache
+#: the request headers that its result carries too
+PASSED_HEADERS = (TRACEPARENT_HEADER, REPLAY_HEADER)
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 _REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
 MAX_SEED = 2**32 - 1
@@ -106,6 +115,14 @@ class _RequestBase(_Strict):
     request_id: RequestId
     timeout_s: Annotated[float, Field(ge=1, le=300)] | None = None
     submitted_at: datetime | None = None
+
+    def arrived_at(self, broker_timestamp_ms: int) -> float:
+        """When the request entered the system (wall-clock seconds): its ``submitted_at``,
+        else the broker's timestamp of its record. Queue times are measured from here."""
+        if self.submitted_at is not None:
+            with contextlib.suppress(OverflowError, ValueError, OSError):
+                return self.submitted_at.timestamp()
+        return broker_timestamp_ms / 1000
 
 
 class GenerateRequest(_RequestBase):
@@ -215,6 +232,46 @@ class ResultEvent(BaseModel):
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
+
+    @classmethod
+    def build(
+        cls,
+        request_id: str | None,
+        task: str | None,
+        error: ZImageError | None,
+        *,
+        model: ModelInfo,
+        arrived_at: float,
+        images: list[ImageRef] | None = None,
+        text_regions: list[TextRegion] | None = None,
+        cache_hit: bool = False,
+        started_at: float | None = None,
+        inference_s: float = 0.0,
+        provenance: Provenance | None = None,
+    ) -> ResultEvent:
+        """The one way an answer becomes a result event: succeeded unless ``error``, whose
+        code and retry flag become the event's ``error``. ``arrived_at`` and ``started_at``
+        (wall-clock seconds) give the queue time; without ``started_at`` (no inference ran)
+        the request was queued until now."""
+        now = time.time()
+        queued = (started_at if started_at is not None else now) - arrived_at
+        return cls(
+            request_id=request_id,
+            task=task,
+            status="succeeded" if error is None else error.status,  # type: ignore[arg-type]
+            images=images or [],
+            text_regions=text_regions or [],
+            cache_hit=cache_hit,
+            error=None if error is None else ErrorInfo(**error.to_dict()),  # type: ignore[arg-type]
+            model=model,
+            provenance=provenance,
+            timings_ms=Timings(
+                queued=round(max(0.0, queued) * 1000, 1),
+                inference=round(inference_s * 1000, 1),
+                total=round(max(0.0, now - arrived_at) * 1000, 1),
+            ),
+            completed_at=datetime.fromtimestamp(now, UTC),
+        )
 
 
 class RequestParseError(Exception):

@@ -1,20 +1,29 @@
 """Worker settings: read once from ``ZIMAGE_*`` variables at the edge (``cli.py``).
 
-The library never reads the environment itself. ``Settings`` is the flat, frozen view
-of the environment that ``../shared/CONTRACT.md`` names; the worker's parts take the
-typed sub-settings that the ``kafka`` / ``engine`` / ``batch`` / ``storage`` properties
-hand out, so each part sees only what it uses.
+Each setting is declared once, with its bounds, in the section that uses it
+(``KafkaSettings``, ``CacheSettings``, ``StorageSettings``, ``EngineSettings``,
+``BatchSettings``, ``OcrSettings``); the worker's parts take their section and nothing
+else. A field's *flat name* is its alias where it has one, else its own name, and
+``ZIMAGE_`` plus the flat name in capitals is its environment variable: the names
+``docs/CONTRACT.md`` binds (``ZIMAGE_REQUESTS_TOPIC``, ``ZIMAGE_BATCH_WINDOW_MS``...)
+keep their flat spelling while the code reads ``settings.kafka.requests_topic``.
+
+``Settings(**flat)`` and ``settings.replace(**flat)`` take flat names too (tests, the
+demo, the benchmarks). The library never reads the environment itself.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+ENV_PREFIX = "ZIMAGE_"
 
 Device = Literal["auto", "cuda", "mps", "cpu"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -24,116 +33,79 @@ AttentionBackend = Literal["auto", "native", "flash", "_native_flash", "_flash_3
 CompileMode = Literal["off", "regional"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class _Section(BaseModel):
+    """A group of settings; built from flat names or from its own field names."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @classmethod
+    def flat_names(cls) -> dict[str, str]:
+        """Flat name -> field name, for every field of the section."""
+        return {_flat_name(name, info): name for name, info in cls.model_fields.items()}
+
+    def flat(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
 
 
-_S = TypeVar("_S", bound=_Frozen)
+def _flat_name(name: str, info: FieldInfo) -> str:
+    return info.alias or name
 
 
-class KafkaSettings(_Frozen):
-    """Where the worker reads requests and writes results."""
+class KafkaSettings(_Section):
+    """Where the worker reads requests and writes results, and how it talks to Kafka."""
 
-    bootstrap_servers: str = "localhost:9092"
-    requests_topic: str = "zimage.requests"
-    results_topic: str = "zimage.results"
-    dlq_topic: str = "zimage.requests.dlq"
-    progress_topic: str = ""
-    group_id: str = "zimage-workers"
-    client_id: str = "zimage-stream"
-    max_message_bytes: int = 16 * 1024 * 1024
-    session_timeout_ms: int = 30_000
-    max_poll_interval_ms: int = 600_000
-    fetch_max_wait_ms: int = 5
-    create_topics: bool = True
-    topic_partitions: int = 6
-    security_protocol: SecurityProtocol = "PLAINTEXT"
-    sasl_mechanism: SaslMechanism = "PLAIN"
-    sasl_username: str | None = None
-    sasl_password: str | None = Field(default=None, repr=False)
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-
-
-class EngineSettings(_Frozen):
-    """Which model to load, where, and how."""
-
-    model: str = DEFAULT_MODEL
-    model_revision: str | None = None
-    device: Device = "auto"
-    dtype: DType = "bfloat16"
-    attention_backend: AttentionBackend = "auto"
-    compile: CompileMode = "off"
-    warmup: bool = True
-    warmup_size: int = 256
-    cpu_threads: int = 0
-    inference_timeout_s: float = 30.0
-    # Local folder where `ZIMAGE_MODEL=tiny` builds the miniature pipeline.
-    tiny_model_dir: Path = Path(".cache/zimage-tiny")
-
-
-class BatchSettings(_Frozen):
-    """How requests are grouped into pipeline calls."""
-
-    window_ms: int = 50
-    max_batch_size: int = 8
-    max_in_flight: int = 64
-
-
-class StorageSettings(_Frozen):
-    """Object storage for the images: ``file://`` folder or ``s3://bucket/prefix``."""
-
-    url: str = "./zimage-data"
-    s3_endpoint_url: str | None = None
-    s3_region: str | None = None
-    s3_access_key_id: str | None = None
-    s3_secret_access_key: str | None = None
-    image_format: Literal["png", "webp"] = "png"
-
-
-class Settings(BaseSettings):
-    """All ``ZIMAGE_*`` settings (see README's settings table)."""
-
-    model_config = SettingsConfigDict(env_prefix="ZIMAGE_", frozen=True, extra="ignore")
-
-    kafka_bootstrap_servers: str = "localhost:9092"
+    bootstrap_servers: str = Field(default="localhost:9092", alias="kafka_bootstrap_servers")
     requests_topic: str = "zimage.requests"
     results_topic: str = "zimage.results"
     dlq_topic: str = "zimage.requests.dlq"
     # Step progress events, keyed by request_id (empty = none are sent).
     progress_topic: str = ""
     group_id: str = "zimage-workers"
+    client_id: str = Field(default="zimage-stream", alias="kafka_client_id")
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     create_topics: bool = True
     topic_partitions: int = Field(default=6, ge=1)
-    kafka_session_timeout_ms: int = Field(default=30_000, ge=1000)
-    kafka_max_poll_interval_ms: int = Field(default=600_000, ge=1000)
+    session_timeout_ms: int = Field(default=30_000, ge=1000, alias="kafka_session_timeout_ms")
+    max_poll_interval_ms: int = Field(default=600_000, ge=1000, alias="kafka_max_poll_interval_ms")
     # How long the broker may hold a fetch open. Low, because a repeat is answered in
     # milliseconds: with the embedded Tansu broker a fetch was seen to wait out its full
-    # time even when records arrived (p50 of cache hits 162 ms at aiokafka's 500 ms).
-    kafka_fetch_max_wait_ms: int = Field(default=5, ge=0, le=10_000)
+    # time even when records arrived.
+    fetch_max_wait_ms: int = Field(default=5, ge=0, le=10_000, alias="kafka_fetch_max_wait_ms")
     # Kafka security: TLS (CA, and a client certificate for mutual TLS) and SASL.
-    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
-    kafka_sasl_mechanism: SaslMechanism = "PLAIN"
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: str | None = Field(default=None, repr=False)
-    kafka_ssl_cafile: Path | None = None
-    kafka_ssl_certfile: Path | None = None
-    kafka_ssl_keyfile: Path | None = None
+    security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT", alias="kafka_security_protocol"
+    )
+    sasl_mechanism: SaslMechanism = Field(default="PLAIN", alias="kafka_sasl_mechanism")
+    sasl_username: str | None = Field(default=None, alias="kafka_sasl_username")
+    sasl_password: str | None = Field(default=None, alias="kafka_sasl_password", repr=False)
+    ssl_cafile: Path | None = Field(default=None, alias="kafka_ssl_cafile")
+    ssl_certfile: Path | None = Field(default=None, alias="kafka_ssl_certfile")
+    ssl_keyfile: Path | None = Field(default=None, alias="kafka_ssl_keyfile")
+
+
+class CacheSettings(_Section):
+    """The result cache, request-id store and in-flight locks (Redis, or process memory)."""
 
     redis_url: str = ""
     redis_timeout_ms: int = Field(default=250, ge=10)
-    cache_ttl_s: int = Field(default=86_400, ge=1)
+    ttl_s: int = Field(default=86_400, ge=1, alias="cache_ttl_s")
     request_id_ttl_s: int = Field(default=7 * 86_400, ge=1)
-    cache_lock_ttl_s: float = Field(default=15.0, gt=0)
+    lock_ttl_s: float = Field(default=15.0, gt=0, alias="cache_lock_ttl_s")
 
-    storage_url: str = "./zimage-data"
+
+class StorageSettings(_Section):
+    """Object storage for the images: ``file://`` folder or ``s3://bucket/prefix``."""
+
+    url: str = Field(default="./zimage-data", alias="storage_url")
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     s3_access_key_id: str | None = None
-    s3_secret_access_key: str | None = None
+    s3_secret_access_key: str | None = Field(default=None, repr=False)
     image_format: Literal["png", "webp"] = "png"
+
+
+class EngineSettings(_Section):
+    """Which model to load, where, and how; and how long a request may run in it."""
 
     model: str = DEFAULT_MODEL
     model_revision: str | None = None
@@ -144,51 +116,129 @@ class Settings(BaseSettings):
     # GPU (bench/gpu_latency.py), at the price of compiling during warm-up and per new shape.
     compile: CompileMode = "off"
     warmup: bool = True
+    warmup_size: int = Field(default=256, ge=64, le=2048)
     # torch threads on a CPU device; 0 = all cores but one, which the event loop keeps.
     cpu_threads: int = Field(default=0, ge=0)
+    # A request's budget when it names none (its ``timeout_s``), for both tasks.
+    inference_timeout_s: float = Field(default=30.0, gt=0, le=300)
+    # Local folder where `ZIMAGE_MODEL=tiny` builds the miniature pipeline.
     tiny_model_dir: Path = Path(".cache/zimage-tiny")
 
-    # Text detection for erase_text: RapidOCR (models in the wheel) or EasyOCR (optional
-    # extra; its weights come from OCR_MODEL_DIR, downloaded only if OCR_ALLOW_DOWNLOAD).
-    ocr_backend: Literal["rapidocr", "easyocr"] = "rapidocr"
-    ocr_model_dir: Path | None = None
-    ocr_allow_download: bool = False
 
-    batch_window_ms: int = Field(default=50, ge=0, le=60_000)
+class BatchSettings(_Section):
+    """How requests are grouped into pipeline calls, and how many may be in flight."""
+
+    window_ms: int = Field(default=50, ge=0, le=60_000, alias="batch_window_ms")
     max_batch_size: int = Field(default=8, ge=1, le=64)
     max_in_flight: int = Field(default=64, ge=1)
-    inference_timeout_s: float = Field(default=30.0, gt=0, le=300)
+
+
+class OcrSettings(_Section):
+    """Text detection for ``erase_text``: RapidOCR (models in the wheel) or EasyOCR
+    (optional extra; its weights come from ``model_dir``, downloaded only if allowed)."""
+
+    backend: Literal["rapidocr", "easyocr"] = Field(default="rapidocr", alias="ocr_backend")
+    model_dir: Path | None = Field(default=None, alias="ocr_model_dir")
+    allow_download: bool = Field(default=False, alias="ocr_allow_download")
+
+
+class Settings(BaseSettings):
+    """All ``ZIMAGE_*`` settings, in sections (see README's settings table)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    SECTIONS: ClassVar[dict[str, type[_Section]]] = {
+        "kafka": KafkaSettings,
+        "cache": CacheSettings,
+        "storage": StorageSettings,
+        "engine": EngineSettings,
+        "batch": BatchSettings,
+        "ocr": OcrSettings,
+    }
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    ocr: OcrSettings = Field(default_factory=OcrSettings)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     # /metrics, /healthz and /readyz; -1 turns the endpoint off, 0 picks a free port.
     http_port: int = Field(default=8080, ge=-1, le=65535)
 
-    @property
-    def kafka(self) -> KafkaSettings:
-        return self._section(KafkaSettings, "kafka_")
+    @classmethod
+    def flat_names(cls) -> set[str]:
+        """Every setting's flat name (its variable is ``ZIMAGE_`` + the name in capitals)."""
+        names = {n for n in cls.model_fields if n not in cls.SECTIONS}
+        for section in cls.SECTIONS.values():
+            names |= set(section.flat_names())
+        return names
 
-    @property
-    def engine(self) -> EngineSettings:
-        return self._section(EngineSettings)
+    @classmethod
+    def variable_names(cls) -> set[str]:
+        return {ENV_PREFIX + name.upper() for name in cls.flat_names()}
 
-    @property
-    def batch(self) -> BatchSettings:
-        return self._section(BatchSettings, "batch_")
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flat name."""
+        values = {n: getattr(self, n) for n in type(self).model_fields if n not in self.SECTIONS}
+        for name in self.SECTIONS:
+            values.update(getattr(self, name).flat())
+        return values
 
-    @property
-    def storage(self) -> StorageSettings:
-        return self._section(StorageSettings, "storage_")
+    def environment(self) -> dict[str, str]:
+        """The ``ZIMAGE_*`` variables that give a process these settings (unset ones left out)."""
+        return {
+            ENV_PREFIX + name.upper(): str(value).lower() if isinstance(value, bool) else str(value)
+            for name, value in self.flat().items()
+            if value is not None
+        }
 
-    def _section(self, cls: type[_S], prefix: str = "", **names: str) -> _S:
-        """Build a sub-settings object from the flat fields with the same (or prefixed) name.
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some settings changed, by flat name; validated like the original."""
+        unknown = set(changes) - self.flat_names()
+        if unknown:
+            raise ValueError(f"not settings: {sorted(unknown)}")
+        return type(self)(_env_file=None, **{**self.flat(), **changes})  # type: ignore[call-arg]
 
-        A sub-settings field ``x`` takes ``names[x]``, else ``x``, else ``prefix + x``; fields
-        with no flat counterpart keep their default.
-        """
-        flat = type(self).model_fields
-        values = {}
-        for field in cls.model_fields:
-            for candidate in (names.get(field), field, prefix + field):
-                if candidate is not None and candidate in flat:
-                    values[field] = getattr(self, candidate)
-                    break
-        return cls(**values)
+    @model_validator(mode="before")
+    @classmethod
+    def _route_flat_names(cls, data: Any) -> Any:
+        """Flat names (from the environment or keyword arguments) go into their sections."""
+        if not isinstance(data, dict):
+            return data
+        routed = dict(data)
+        for section, model in cls.SECTIONS.items():
+            picked = {name: routed.pop(name) for name in model.flat_names() if name in routed}
+            given = routed.get(section)
+            if isinstance(given, BaseModel):
+                given = given.model_dump(by_alias=True)
+            if picked or given:
+                routed[section] = {**picked, **(given or {})}
+        return routed
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _FlatEnvironment(settings_cls)
+
+
+class _FlatEnvironment(PydanticBaseSettingsSource):
+    """``ZIMAGE_<FLAT NAME>`` variables (any case), by flat name."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads every name at once
+
+    def __call__(self) -> dict[str, Any]:
+        environ = {key.upper(): value for key, value in os.environ.items()}
+        found = {}
+        for name in Settings.flat_names():
+            value = environ.get(ENV_PREFIX + name.upper())
+            if value is not None:
+                found[name] = value
+        return found

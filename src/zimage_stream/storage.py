@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,11 @@ import obstore
 import structlog
 from obstore.exceptions import NotFoundError
 from obstore.store import LocalStore, S3Store
+from PIL import Image
 
 from .errors import StorageUnavailableError
+from .imaging import CONTENT_TYPES, encode_image
+from .schemas import ImageRef
 from .settings import StorageSettings
 
 log = structlog.get_logger(__name__)
@@ -122,6 +126,27 @@ class Storage:
                 )
                 await asyncio.sleep(wait)
         return StoredObject(uri=f"{self._uri_prefix}/{key}", sha256=sha, size_bytes=len(data))
+
+    async def put_images(
+        self, images: list[Image.Image], image_format: str, encoder: Executor | None = None
+    ) -> list[ImageRef]:
+        """Encode ``images`` (on ``encoder``, off the event loop) and store them; their
+        references, in order."""
+        loop = asyncio.get_running_loop()
+
+        async def put_one(image: Image.Image) -> ImageRef:
+            data = await loop.run_in_executor(encoder, encode_image, image, image_format)
+            stored = await self.put_image(data, image_format)
+            return ImageRef(
+                uri=stored.uri,
+                width=image.width,
+                height=image.height,
+                content_type=CONTENT_TYPES[image_format],
+                sha256=stored.sha256,
+                size_bytes=stored.size_bytes,
+            )
+
+        return list(await asyncio.gather(*(put_one(image) for image in images)))
 
     async def get(self, uri: str) -> bytes:
         """Read an object of this storage by its URI; FileNotFoundError when there is none."""

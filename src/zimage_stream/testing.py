@@ -1,8 +1,8 @@
 """Local services for the tests, the benchmarks and the demo: a private Redis, and a worker
 serving in this event loop. (The embedded Kafka-protocol broker lives in ``broker``.)
 
-This module sits at the top layer: it may import the worker; nothing in the package
-imports it.
+This module sits on the top floor with the command line and the demo: it may import the
+worker; nothing below it imports it.
 """
 
 from __future__ import annotations

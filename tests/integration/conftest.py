@@ -27,7 +27,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tests.conftest import make_settings
 from zimage_stream.broker import EmbeddedBroker, free_port
 from zimage_stream.settings import Settings
-from zimage_stream.testing import RedisServer
 from zimage_stream.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
@@ -55,17 +54,6 @@ def s3_endpoint() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A private Redis (tests stop and restart it); skipped where no redis-server exists."""
-    try:
-        server = RedisServer.on_free_port()
-    except FileNotFoundError as missing:
-        pytest.skip(str(missing))
-    with server:
-        yield server
 
 
 @pytest.fixture
@@ -105,7 +93,7 @@ class KafkaIO:
 
     async def start(self) -> None:
         await ensure_topics(self.settings.kafka, self.settings.kafka.topic_partitions)
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap_servers)
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka.bootstrap_servers)
         await self._producer.start()
 
     async def stop(self) -> None:
@@ -124,13 +112,17 @@ class KafkaIO:
         if key is None and isinstance(value, dict) and "request_id" in value:
             key = str(value["request_id"]).encode()
         await self._producer.send_and_wait(
-            self.settings.requests_topic, raw, key=key, partition=partition, headers=headers or []
+            self.settings.kafka.requests_topic,
+            raw,
+            key=key,
+            partition=partition,
+            headers=headers or [],
         )
 
     async def read(self, topic: str, count: int, timeout_s: float = 120.0) -> list[Event]:
         """At least ``count`` events of ``topic`` from its beginning (fails after the timeout)."""
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            bootstrap_servers=self.settings.kafka.bootstrap_servers,
             enable_auto_commit=False,
             group_id=None,
         )
@@ -156,14 +148,16 @@ class KafkaIO:
             await consumer.stop()
 
     async def results(self, count: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
-        return [e.json() for e in await self.read(self.settings.results_topic, count, timeout_s)]
+        return [
+            e.json() for e in await self.read(self.settings.kafka.results_topic, count, timeout_s)
+        ]
 
     async def committed(self) -> dict[int, int]:
         """The group's committed offsets on the requests topic (a member that never joins)."""
-        topic = self.settings.requests_topic
+        topic = self.settings.kafka.requests_topic
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
-            group_id=self.settings.group_id,
+            bootstrap_servers=self.settings.kafka.bootstrap_servers,
+            group_id=self.settings.kafka.group_id,
             enable_auto_commit=False,
         )
         await consumer.start()
@@ -240,13 +234,7 @@ async def wait_for_ids(kafka_io: KafkaIO, ids: set[str], timeout_s: float) -> li
 def worker_env(settings: Settings) -> dict[str, str]:
     """The ``ZIMAGE_*`` environment that gives a ``zimage-stream worker`` these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"ZIMAGE_{name.upper()}"] = (
-                str(value).lower() if isinstance(value, bool) else str(value)
-            )
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return {**env, **settings.environment(), "PYTHONUNBUFFERED": "1"}
 
 
 async def start_worker_process(settings: Settings, log_path: Path) -> asyncio.subprocess.Process:

@@ -48,9 +48,7 @@ def durable_broker() -> Iterator[EmbeddedBroker]:
 async def test_the_worker_reconnects_after_a_broker_restart(
     settings: Settings, durable_broker: EmbeddedBroker
 ) -> None:
-    settings = settings.model_copy(
-        update={"kafka_bootstrap_servers": durable_broker.bootstrap_servers}
-    )
+    settings = settings.replace(kafka_bootstrap_servers=durable_broker.bootstrap_servers)
     before, after = [f"before-{i}" for i in range(3)], [f"after-{i}" for i in range(3)]
     async with running_worker(settings) as worker:
         io = KafkaIO(settings)

@@ -42,7 +42,7 @@ async def _results_for(kafka_io: KafkaIO, ids: set[str], timeout_s: float = 120)
 async def test_repeats_are_answered_from_redis(
     settings: Settings, kafka_io: KafkaIO, redis_server: RedisServer
 ) -> None:
-    settings = settings.model_copy(update={"redis_url": redis_server.url})
+    settings = settings.replace(redis_url=redis_server.url)
     async with running_worker(settings) as worker:
         await kafka_io.send(generate("first", style="festive", num_images=2))
         await _results_for(kafka_io, {"first"})
@@ -60,14 +60,14 @@ async def test_repeats_are_answered_from_redis(
     assert again["cache_hit"] is True and _uris(again) == _uris(first)
     assert any(e["event"] == "request_id_reused_with_other_params" for e in logs)
     assert worker.stats["batches"] == 1  # the model ran once for all three
-    assert worker.cache.stats.hits == 2 and worker.cache.stats.misses == 1
+    assert worker.dedup.stats.hits == 2 and worker.dedup.stats.misses == 1
     assert len(worker.cache.stats.lookup_seconds) == 3
 
 
 async def test_identical_requests_in_one_window_run_the_model_once(
     settings: Settings, kafka_io: KafkaIO, redis_server: RedisServer
 ) -> None:
-    settings = settings.model_copy(update={"redis_url": redis_server.url, "batch_window_ms": 1000})
+    settings = settings.replace(redis_url=redis_server.url, batch_window_ms=1000)
     async with running_worker(settings) as worker:
         for request_id in ("twin-a", "twin-b", "twin-c"):
             await kafka_io.send(generate(request_id, "a brass desk lamp", seed=3))
@@ -82,13 +82,11 @@ async def test_two_workers_compute_shared_content_once(
     settings: Settings, kafka_io: KafkaIO, redis_server: RedisServer
 ) -> None:
     shared = {"redis_url": redis_server.url, "batch_window_ms": 300}
-    settings_a = settings.model_copy(update=shared)
-    settings_b = settings.model_copy(
-        update={
-            **shared,
-            "requests_topic": settings.requests_topic + "-b",
-            "group_id": settings.group_id + "-b",
-        }
+    settings_a = settings.replace(**shared)
+    settings_b = settings.replace(
+        **shared,
+        requests_topic=settings.kafka.requests_topic + "-b",
+        group_id=settings.kafka.group_id + "-b",
     )
     io_b = KafkaIO(settings_b)
     await io_b.start()
@@ -111,7 +109,7 @@ async def test_two_workers_compute_shared_content_once(
 async def test_a_dead_lock_holder_is_taken_over(
     settings: Settings, kafka_io: KafkaIO, redis_server: RedisServer
 ) -> None:
-    settings = settings.model_copy(update={"redis_url": redis_server.url})
+    settings = settings.replace(redis_url=redis_server.url)
     request = generate("orphan", "a ceramic vase", seed=4)
     async with running_worker(settings) as worker:
         redis = Redis.from_url(redis_server.url)
@@ -130,7 +128,7 @@ async def test_a_dead_lock_holder_is_taken_over(
 async def test_every_request_is_answered_while_redis_is_down(
     settings: Settings, kafka_io: KafkaIO, redis_server: RedisServer
 ) -> None:
-    settings = settings.model_copy(update={"redis_url": redis_server.url})
+    settings = settings.replace(redis_url=redis_server.url)
     async with running_worker(settings) as worker:
         await kafka_io.send(generate("before", "a wool scarf"))
         await _results_for(kafka_io, {"before"})
@@ -157,7 +155,7 @@ async def test_the_holder_keeps_its_lock_during_long_work(
     settings: Settings, kafka_io: KafkaIO, redis_server: RedisServer
 ) -> None:
     # A lock TTL far shorter than the inference: the keeper must extend it meanwhile.
-    settings = settings.model_copy(update={"redis_url": redis_server.url, "cache_lock_ttl_s": 0.6})
+    settings = settings.replace(redis_url=redis_server.url, cache_lock_ttl_s=0.6)
     request = generate(
         "long-held", "a wicker basket", width=1024, height=1024, num_images=2, num_inference_steps=8
     )
@@ -184,9 +182,7 @@ async def test_the_holder_keeps_its_lock_during_long_work(
 async def test_a_stopping_worker_releases_the_locks_of_work_it_never_started(
     settings: Settings, kafka_io: KafkaIO, redis_server: RedisServer
 ) -> None:
-    settings = settings.model_copy(
-        update={"redis_url": redis_server.url, "batch_window_ms": 30_000}
-    )
+    settings = settings.replace(redis_url=redis_server.url, batch_window_ms=30_000)
     request = generate("never-run", "a copper kettle")
     redis = Redis.from_url(redis_server.url)
     try:
@@ -207,7 +203,7 @@ async def test_a_stopping_worker_releases_the_locks_of_work_it_never_started(
 async def test_an_entry_whose_objects_are_gone_is_a_miss(
     settings: Settings, kafka_io: KafkaIO, redis_server: RedisServer
 ) -> None:
-    settings = settings.model_copy(update={"redis_url": redis_server.url})
+    settings = settings.replace(redis_url=redis_server.url)
     async with running_worker(settings) as worker:
         await kafka_io.send(generate("kept", "a bamboo tray", num_images=2))
         first = (await _results_for(kafka_io, {"kept"}))["kept"]
@@ -216,5 +212,5 @@ async def test_an_entry_whose_objects_are_gone_is_a_miss(
         await kafka_io.send(generate("after-cleanup", "a bamboo tray", num_images=2))
         again = (await _results_for(kafka_io, {"after-cleanup"}))["after-cleanup"]
     assert again["cache_hit"] is False and again["status"] == "succeeded"
-    assert worker.stats["batches"] == 2 and worker.cache.stats.stale == 1
+    assert worker.stats["batches"] == 2 and worker.dedup.stats.stale == 1
     assert all(Path(ref["uri"].removeprefix("file://")).is_file() for ref in again["images"])

@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.integration.conftest import run_cli
+from tests.support.render import LATIN_FONT, png_bytes, product_scene, with_text
 from zimage_stream.settings import Settings
 from zimage_stream.testing import running_worker
 
@@ -80,3 +83,29 @@ def test_demo_runs_on_its_defaults_and_cleans_up(tmp_path: Path, tiny_model_dir:
     assert match is not None
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=1).close()
+
+
+async def test_erase_with_the_diffusion_engine_loads_the_model(
+    settings: Settings, tmp_path: Path
+) -> None:
+    rendered = with_text(
+        product_scene(320, 240), [("SALE", (20, 20), LATIN_FONT, 36, (200, 20, 20))]
+    )
+    image, output = tmp_path / "in.png", tmp_path / "out.png"
+    image.write_bytes(png_bytes(rendered.image))
+    code, stdout, stderr = await run_cli(
+        settings, "erase", str(image), "-o", str(output), "--engine", "diffusion"
+    )
+    assert code == 0, stderr
+    assert any("SALE" in region["text"] for region in json.loads(stdout)["text_regions"])
+    with Image.open(output) as cleaned:
+        assert cleaned.size == (320, 240)
+        changed = np.asarray(cleaned.convert("RGB")) != np.asarray(rendered.image)
+    assert changed.any(-1)[rendered.strokes].mean() > 0.5  # the text's pixels were filled
+
+
+def test_python_dash_m_runs_the_command_line() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "zimage_stream", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("zimage-stream ")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +83,9 @@ async def test_identical_erase_requests_in_flight_are_erased_once(
     erased: list[str] = []
     real_erase = TextEraser.erase
 
-    def counting_erase(self: TextEraser, source: SourceImage, engine: str = "auto") -> object:
+    def counting_erase(self: TextEraser, source: SourceImage, engine: str, *rest: object) -> object:
         erased.append(engine)
-        return real_erase(self, source, engine)
+        return real_erase(self, source, engine, *rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(TextEraser, "erase", counting_erase)
     rendered = with_text(
@@ -98,3 +101,72 @@ async def test_identical_erase_requests_in_flight_are_erased_once(
     assert len({json.dumps(r["images"]) for r in results}) == 1  # one image for all three
     assert len(erased) == 1, f"erased {len(erased)} times"
     assert sorted(r["cache_hit"] for r in results) == [False, True, True]
+
+
+def _sale_sign(width: int = 640, height: int = 480) -> dict:
+    rendered = with_text(
+        product_scene(width, height), [("SALE 50% OFF", (40, 40), LATIN_FONT, 40, (200, 20, 20))]
+    )
+    return {"base64": base64.b64encode(png_bytes(rendered.image)).decode()}
+
+
+async def test_an_erasure_past_its_budget_is_timed_out_on_both_engines(
+    settings: Settings, kafka_io: KafkaIO
+) -> None:
+    # Classical: a large photo whose text detection alone takes longer than 1 s here.
+    classical = _erase("slow-classical", _sale_sign(4000, 3000))
+    classical["timeout_s"] = 1
+    diffusion = _erase("slow-diffusion", _sale_sign())
+    diffusion["params"]["engine"] = "diffusion"
+    diffusion["timeout_s"] = 1
+    async with running_worker(settings) as worker:
+        # Each denoising step of the miniature model takes 0.4 s more than it would.
+        worker.engine.fault_hook = lambda where, _: time.sleep(0.4) if where == "step" else None
+        await kafka_io.send(classical)
+        await kafka_io.send(diffusion)
+        results = {r["request_id"]: r for r in await kafka_io.results(2)}
+        worker.engine.fault_hook = None
+        # Nothing was remembered: the same request with time to spare succeeds.
+        diffusion["request_id"], diffusion["timeout_s"] = "in-time", 300
+        await kafka_io.send(diffusion)
+        results = {r["request_id"]: r for r in await kafka_io.results(3)}
+    for request_id in ("slow-classical", "slow-diffusion"):
+        result = results[request_id]
+        assert result["status"] == "timed_out", result
+        assert result["error"]["code"] == "timeout" and result["error"]["retriable"] is True
+        assert "took longer than its budget" in result["error"]["message"]
+    assert results["in-time"]["status"] == "succeeded" and not results["in-time"]["cache_hit"]
+
+
+async def test_erase_queue_time_counts_from_submitted_at(
+    settings: Settings, kafka_io: KafkaIO
+) -> None:
+    request = _erase("submitted-earlier", _sale_sign())
+    request["submitted_at"] = (datetime.now(UTC) - timedelta(minutes=2)).isoformat()
+    async with running_worker(settings):
+        await kafka_io.send(request)
+        (result,) = await kafka_io.results(1)
+    assert result["status"] == "succeeded", result["error"]
+    assert result["timings_ms"]["queued"] >= 120_000
+    assert result["timings_ms"]["total"] >= 120_000
+
+
+async def test_languages_name_the_text_that_is_erased(
+    settings: Settings, kafka_io: KafkaIO
+) -> None:
+    source = _sale_sign()
+    only_chinese = _erase("only-ch", source)
+    only_chinese["params"]["languages"] = ["ch"]
+    async with running_worker(settings):
+        await kafka_io.send(only_chinese)
+        await kafka_io.send(_erase("both", source))
+        results = {r["request_id"]: r for r in await kafka_io.results(2)}
+    # English text is not what a Chinese-only request looks for: the image comes back as it was.
+    assert results["only-ch"]["status"] == "succeeded", results["only-ch"]["error"]
+    assert results["only-ch"]["text_regions"] == []
+    original = Image.open(io.BytesIO(base64.b64decode(source["base64"]))).convert("RGB")
+    path = Path(results["only-ch"]["images"][0]["uri"].removeprefix("file://"))
+    with Image.open(path) as returned:
+        assert np.array_equal(np.asarray(returned.convert("RGB")), np.asarray(original))
+    assert any("SALE" in region["text"] for region in results["both"]["text_regions"])
+    assert results["both"]["images"] != results["only-ch"]["images"]

@@ -29,7 +29,7 @@ async def _wait_committed(kafka_io: KafkaIO, total: int) -> int:
 async def test_a_request_past_its_budget_times_out_and_its_batch_mates_finish(
     settings: Settings, kafka_io: KafkaIO
 ) -> None:
-    settings = settings.model_copy(update={"batch_window_ms": 1500})
+    settings = settings.replace(batch_window_ms=1500)
     short = {**generate("short", "a mug on a desk"), "timeout_s": 1}
     steps = {**generate("long", "a cup on a desk"), "timeout_s": 60}
     steps["params"]["num_inference_steps"] = short["params"]["num_inference_steps"] = 8
@@ -52,7 +52,7 @@ async def test_a_request_past_its_budget_times_out_and_its_batch_mates_finish(
 async def test_out_of_memory_splits_the_batch_then_answers_clearly(
     settings: Settings, kafka_io: KafkaIO
 ) -> None:
-    settings = settings.model_copy(update={"batch_window_ms": 1500})
+    settings = settings.replace(batch_window_ms=1500)
     too_big: dict[str, int] = {"images": 2}  # calls with more images than this run out
 
     def fault(where: str, images: int) -> None:
@@ -108,9 +108,9 @@ def _poison(rng: random.Random, index: int, max_bytes: int) -> bytes | None:
 async def test_a_flood_of_poison_messages_is_answered_or_dead_lettered(
     settings: Settings, kafka_io: KafkaIO
 ) -> None:
-    settings = settings.model_copy(update={"max_message_bytes": 64 * 1024})
+    settings = settings.replace(max_message_bytes=64 * 1024)
     rng = random.Random(7)
-    poison = [_poison(rng, i, settings.max_message_bytes) for i in range(180)]
+    poison = [_poison(rng, i, settings.kafka.max_message_bytes) for i in range(180)]
     async with running_worker(settings) as worker:
         for index, raw in enumerate(poison):
             await kafka_io.send(raw or b"", key=f"k{index}".encode())
@@ -118,7 +118,7 @@ async def test_a_flood_of_poison_messages_is_answered_or_dead_lettered(
                 await kafka_io.send(generate(f"good-{index}", f"a plate {index}"))
         good = 3
         results = await kafka_io.results(len(poison) + good)
-        dead = await kafka_io.read(settings.dlq_topic, len(poison))
+        dead = await kafka_io.read(settings.kafka.dlq_topic, len(poison))
         assert await _wait_committed(kafka_io, len(poison) + good) == len(poison) + good
         assert worker.stats["dead_letters"] == len(poison)
     statuses = Counter(r["status"] for r in results)

@@ -38,7 +38,7 @@ def _slow_steps(worker: Worker, seconds: float) -> None:
 async def test_sigterm_finishes_the_running_batch_commits_and_exits_zero(
     settings: Settings, kafka_io: KafkaIO, tmp_path: Path
 ) -> None:
-    settings = settings.model_copy(update={"max_batch_size": 2, "batch_window_ms": 200})
+    settings = settings.replace(max_batch_size=2, batch_window_ms=200)
     ids = [f"term-{i}" for i in range(8)]
     await send_slow_requests(kafka_io, ids)
     worker = await start_worker_process(settings, tmp_path / "worker.log")
@@ -67,13 +67,11 @@ async def test_a_flood_pauses_fetching_and_long_batches_keep_the_member_in_its_g
 ) -> None:
     # Batches of ~3 s against a 2 s max_poll_interval_ms (aiokafka issue 848: a consumer
     # that stops polling while it works is expelled, and its commits fail forever).
-    settings = settings.model_copy(
-        update={
-            "max_in_flight": 4,
-            "max_batch_size": 2,
-            "batch_window_ms": 100,
-            "kafka_max_poll_interval_ms": 2000,
-        }
+    settings = settings.replace(
+        max_in_flight=4,
+        max_batch_size=2,
+        batch_window_ms=100,
+        kafka_max_poll_interval_ms=2000,
     )
     ids = [f"flood-{i}" for i in range(12)]
     async with running_worker(settings) as worker:
@@ -95,7 +93,7 @@ async def test_a_flood_pauses_fetching_and_long_batches_keep_the_member_in_its_g
         committed = sum((await kafka_io.committed()).values())
     events = [e["event"] for e in logs]
     assert "consumer_paused" in events and "consumer_resumed" in events
-    assert peak <= settings.max_in_flight  # memory stays bounded by the high-water mark
+    assert peak <= settings.batch.max_in_flight  # memory stays bounded by the high-water mark
     assert "partitions_revoked" not in events and "commit_failed" not in events
     grouped = _by_id(results)
     assert set(grouped) == set(ids) and all(len(a) == 1 for a in grouped.values())
@@ -105,7 +103,7 @@ async def test_a_flood_pauses_fetching_and_long_batches_keep_the_member_in_its_g
 async def test_a_worker_joining_and_one_leaving_mid_stream_lose_nothing(
     settings: Settings, kafka_io: KafkaIO
 ) -> None:
-    settings = settings.model_copy(update={"max_batch_size": 2, "batch_window_ms": 50})
+    settings = settings.replace(max_batch_size=2, batch_window_ms=50)
     ids = [f"rebal-{i}" for i in range(24)]
 
     async def publish(chunk: list[str]) -> None:

@@ -46,7 +46,7 @@ def _value(metrics: str, series: str) -> float:
 
 
 async def test_readyz_turns_ready_only_after_warm_up(settings: Settings) -> None:
-    settings = settings.model_copy(update={"http_port": 0})
+    settings = settings.replace(http_port=0)
     worker = Worker(settings)
     # Warm-up runs 2 denoising steps: make each take a second, to look at it meanwhile.
     worker.engine.fault_hook = lambda where, _: time.sleep(1.0) if where == "step" else None
@@ -73,7 +73,7 @@ async def test_readyz_turns_ready_only_after_warm_up(settings: Settings) -> None
 async def test_metrics_expose_the_named_series_and_they_move(
     settings: Settings, kafka_io: KafkaIO
 ) -> None:
-    settings = settings.model_copy(update={"http_port": 0})
+    settings = settings.replace(http_port=0)
     async with running_worker(settings) as worker:
         assert worker.http is not None
         port = worker.http.port
@@ -109,6 +109,6 @@ async def test_a_taken_port_is_a_clear_error(settings: Settings) -> None:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        worker = Worker(settings.model_copy(update={"http_port": port}))
+        worker = Worker(settings.replace(http_port=port))
         with pytest.raises(RuntimeError, match="ZIMAGE_HTTP_PORT"):
             await worker.run()

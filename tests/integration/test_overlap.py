@@ -26,7 +26,7 @@ class SlowStorage(Storage):
 async def test_next_batch_runs_while_the_previous_one_is_stored(
     settings: Settings, kafka_io: KafkaIO
 ) -> None:
-    settings = settings.model_copy(update={"batch_window_ms": 0})
+    settings = settings.replace(batch_window_ms=0)
     storage = Storage.from_settings(settings.storage)
     slow = SlowStorage(storage._store, storage._uri_prefix, storage.root)
     worker = Worker(settings, storage=slow)

@@ -14,7 +14,7 @@ from zimage_stream.topics import ensure_topics
 async def test_progress_events_arrive_in_order_and_are_throttled(
     settings: Settings, kafka_io: KafkaIO, unique: str
 ) -> None:
-    settings = settings.model_copy(update={"progress_topic": f"prog-{unique}"})
+    settings = settings.replace(**{"progress_topic": f"prog-{unique}"})
     await ensure_topics(settings.kafka, 3)
     slow = generate("slow", "a clock", num_inference_steps=8)
     fast = generate("fast", "a fan", num_inference_steps=8)
@@ -32,7 +32,7 @@ async def test_progress_events_arrive_in_order_and_are_throttled(
         worker.engine.fault_hook = None  # the miniature model's steps take milliseconds
         await kafka_io.send(fast)
         await kafka_io.results(2)
-        events = [e.json() for e in await kafka_io.read(settings.progress_topic, 10)]
+        events = [e.json() for e in await kafka_io.read(settings.kafka.progress_topic, 10)]
     steps = {rid: [e["step"] for e in events if e["request_id"] == rid] for rid in ("slow", "fast")}
     assert steps["slow"] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert all(e["total"] == 8 for e in events)

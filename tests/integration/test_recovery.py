@@ -19,7 +19,7 @@ from zimage_stream.testing import running_worker
 async def test_killed_worker_requests_are_processed_after_restart(
     settings: Settings, kafka_io: KafkaIO, tmp_path: Path
 ) -> None:
-    settings = settings.model_copy(update={"max_batch_size": 1, "batch_window_ms": 0})
+    settings = settings.replace(max_batch_size=1, batch_window_ms=0)
     ids = [f"crash-{i}" for i in range(8)]
     await send_slow_requests(kafka_io, ids)
     first = await start_worker_process(settings, tmp_path / "worker-a.log")

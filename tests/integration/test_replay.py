@@ -33,13 +33,13 @@ async def test_replay_by_time_and_by_offsets(settings: Settings, kafka_io: Kafka
         # Unforced, by time: exactly the two late requests again, from the cache.
         done = await replay(settings.kafka, since=since)
         assert done.published == 2 and dict(done.by_task) == {"generate": 2}
-        events = await kafka_io.read(settings.results_topic, 7)
+        events = await kafka_io.read(settings.kafka.results_topic, 7)
         # Forced, by offsets: the first two early requests, computed again.
         forced = await replay(
             settings.kafka, from_offsets={0: 0}, to_offsets={0: 2, 1: 0}, force=True
         )
         assert forced.published == 2
-        events = await kafka_io.read(settings.results_topic, 9)
+        events = await kafka_io.read(settings.kafka.results_topic, 9)
     first = {r["request_id"]: r for r in originals}
     replayed = [e for e in events if e.headers.get("replay") == b"1"]
     assert sorted(e.json()["request_id"] for e in replayed) == [

@@ -81,8 +81,8 @@ async def test_worker_stores_images_in_s3(
 ) -> None:
     bucket = f"worker-{unique}"
     _bucket(s3_endpoint, bucket)
-    settings = settings.model_copy(
-        update={"storage_url": f"s3://{bucket}", "s3_endpoint_url": s3_endpoint, **CREDENTIALS}
+    settings = settings.replace(
+        storage_url=f"s3://{bucket}", s3_endpoint_url=s3_endpoint, **CREDENTIALS
     )
     async with running_worker(settings):
         await kafka_io.send(generate("s3-1", num_images=2, style="studio_gradient"))

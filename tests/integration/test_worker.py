@@ -22,7 +22,7 @@ def _path(uri: str) -> Path:
 async def test_mixed_requests_succeed_and_compatible_ones_share_calls(
     settings: Settings, kafka_io: KafkaIO
 ) -> None:
-    settings = settings.model_copy(update={"batch_window_ms": 1500, "max_batch_size": 8})
+    settings = settings.replace(batch_window_ms=1500, max_batch_size=8)
     requests = [
         generate("small-1", style="festive", num_images=2),
         generate("wide-1", "a desk lamp", width=320, height=256),
@@ -96,7 +96,7 @@ async def test_malformed_messages_are_answered_and_the_partition_moves_on(
             generate("good-after"), partition=0, headers=[("traceparent", b"00-trace-good-01")]
         )
         results = await kafka_io.results(5)
-        dlq = await kafka_io.read(settings.dlq_topic, 3)
+        dlq = await kafka_io.read(settings.kafka.dlq_topic, 3)
         committed = await _wait_committed(kafka_io, partition=0, offset=5)
     by_id = {r["request_id"]: r for r in results}
     assert by_id["good-after"]["status"] == "succeeded"
@@ -114,13 +114,13 @@ async def test_malformed_messages_are_answered_and_the_partition_moves_on(
     dead = {e.headers["source.offset"]: e for e in dlq}
     assert dead[b"0"].value == bad_json and dead[b"0"].key == b"k-broken"
     assert dead[b"0"].headers["error.code"] == b"invalid_json"
-    assert dead[b"0"].headers["source.topic"] == settings.requests_topic.encode()
+    assert dead[b"0"].headers["source.topic"] == settings.kafka.requests_topic.encode()
     assert dead[b"0"].headers["source.partition"] == b"0"
     assert dead[b"1"].headers["error.code"] == b"invalid_request"
     assert dead[b"2"].headers["error.code"] == b"unsupported_schema_version"
     assert committed == 5
     # A trace header travels from the request to its result.
-    result_events = await kafka_io.read(settings.results_topic, 5)
+    result_events = await kafka_io.read(settings.kafka.results_topic, 5)
     good = next(e for e in result_events if e.key == b"good-after")
     assert good.headers.get("traceparent") == b"00-trace-good-01"
 

@@ -50,7 +50,8 @@ def test_every_reference_resolves_and_channels_are_the_default_topics() -> None:
         assert node, ref
     defaults = Settings(_env_file=None)  # type: ignore[call-arg]
     addresses = {c["address"] for c in document["channels"].values()}
-    topics = {defaults.requests_topic, defaults.results_topic, defaults.dlq_topic}
+    kafka = defaults.kafka
+    topics = {kafka.requests_topic, kafka.results_topic, kafka.dlq_topic}
     assert addresses == topics | {None}  # None: the progress topic is off by default
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
 from structlog.testing import capture_logs
 
 from zimage_stream.cache import CacheEntry, MemoryBackend, ResultCache, content_key
@@ -127,13 +126,6 @@ async def test_a_failing_backend_is_stepped_around_and_retried() -> None:
     with capture_logs() as logs:
         assert await cache.find("r1", "k") is None
     assert backend.calls == 2 and [e["event"] for e in logs] == ["cache_available_again"]
-
-
-def test_hit_rate() -> None:
-    cache = ResultCache(MemoryBackend(), ttl_s=1, request_ttl_s=1)
-    assert cache.stats.hit_rate == 0.0
-    cache.stats.hits, cache.stats.misses = 3, 1
-    assert cache.stats.hit_rate == pytest.approx(0.75)
 
 
 async def test_only_the_holder_extends_its_lock() -> None:

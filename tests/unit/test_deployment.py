@@ -11,8 +11,8 @@ import yaml
 from zimage_stream.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-SETTINGS = {f"ZIMAGE_{name.upper()}" for name in Settings.model_fields}
-DEFAULTS = Settings(_env_file=None)  # type: ignore[call-arg]
+SETTINGS = Settings.variable_names()
+DEFAULTS = Settings(_env_file=None).kafka  # type: ignore[call-arg]
 
 
 def _compose() -> dict:
@@ -57,7 +57,7 @@ def test_the_workers_environment_names_real_settings_that_agree_with_the_stack()
     assert limit >= DEFAULTS.max_message_bytes
     # The worker has time to finish its batch before Docker kills it.
     grace = float(services["worker"]["stop_grace_period"].rstrip("s"))
-    assert grace > DEFAULTS.shutdown_grace_s
+    assert grace > Settings(_env_file=None).shutdown_grace_s  # type: ignore[call-arg]
 
 
 def test_compose_settings_parse() -> None:
@@ -68,7 +68,7 @@ def test_compose_settings_parse() -> None:
         if name.startswith("ZIMAGE_") and "${" not in str(value)
     }
     settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
-    assert settings.storage.url == "s3://zimage/images" and settings.create_topics is False
+    assert settings.storage.url == "s3://zimage/images" and settings.kafka.create_topics is False
 
 
 def test_env_example_names_only_settings() -> None:
@@ -81,3 +81,10 @@ def test_the_image_runs_the_worker() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert 'CMD ["zimage-stream", "worker"]' in dockerfile
     assert "STOPSIGNAL SIGTERM" in dockerfile
+
+
+def test_the_readme_lists_every_setting() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Settings") : readme.index("## Replay")]
+    listed = {"ZIMAGE_" + name for name in re.findall(r"`([A-Z0-9_]+)`", table)}
+    assert listed >= SETTINGS, f"not in the README's table: {sorted(SETTINGS - listed)}"

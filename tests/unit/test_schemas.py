@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +170,15 @@ def test_json_schemas_describe_the_contract() -> None:
         "completed_at",
     }
     assert len(ERROR_CODES) == 12
+
+
+def test_the_repositorys_contract_is_the_shared_one_and_names_every_error_code() -> None:
+    """Users read ``docs/CONTRACT.md``; it must stay equal to the contract other services
+    are built against (``../shared/CONTRACT.md`` beside a developer's checkout)."""
+    repo = Path(__file__).resolve().parents[2]
+    contract = (repo / "docs" / "CONTRACT.md").read_text()
+    shared = repo.parent / "shared" / "CONTRACT.md"
+    if shared.is_file():
+        assert contract == shared.read_text(), "docs/CONTRACT.md differs from ../shared/CONTRACT.md"
+    missing = {code for code in ERROR_CODES if f"`{code}`" not in contract}
+    assert not missing, f"error codes the contract does not name: {sorted(missing)}"

@@ -6,8 +6,9 @@ The room owns reading a source safely (``sources``), finding text (``ocr``), mas
 inpainter is injected by the worker, so nothing here imports the engine.
 """
 
+from .classical import classical_model
 from .eraser import EraseResult, Inpainter, TextEraser
-from .ocr import TextBox, TextDetector, make_detector
+from .ocr import TextBox, TextDetector, detector_for, make_detector
 from .sources import SourceImage, decode_image, read_source
 
 __all__ = [
@@ -17,7 +18,9 @@ __all__ = [
     "TextBox",
     "TextDetector",
     "TextEraser",
+    "classical_model",
     "decode_image",
+    "detector_for",
     "make_detector",
     "read_source",
 ]

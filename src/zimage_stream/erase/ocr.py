@@ -50,6 +50,7 @@ import structlog
 
 from ..errors import ModelUnavailableError
 from ..schemas import TextRegion
+from ..settings import OcrSettings
 
 log = structlog.get_logger(__name__)
 
@@ -114,6 +115,11 @@ class TextDetector(Protocol):
         every detected box is returned either way). Boxes whose text is of a script outside
         ``languages`` are dropped (read for that whatever ``read`` says); see the module."""
         ...
+
+
+def detector_for(settings: OcrSettings) -> TextDetector:
+    """The detector that ``ZIMAGE_OCR_*`` names."""
+    return make_detector(settings.backend, settings.model_dir, settings.allow_download)
 
 
 def make_detector(

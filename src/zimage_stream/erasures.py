@@ -1,0 +1,144 @@
+"""The worker's ``erase_text`` path, from a validated request to its result event.
+
+Read the source safely, ask the fast path (``dedup``: identical source bytes, languages,
+engine and model are erased once), erase the text off the event loop (the classical
+engine on its own thread, the diffusion engine on the engine thread, which owns the
+device) within the request's budget, store the cleaned image and settle the content key.
+The erasure itself is ``erase.TextEraser``'s; this module only connects it to the
+worker's storage, fast path and threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
+
+import structlog
+
+from .cache import CacheEntry, erase_content_key
+from .dedup import Answer, Dedup
+from .engine import ImageEngine
+from .engine.inpaint import DiffusionInpainter
+from .erase import EraseResult, TextEraser, classical_model, detector_for, read_source
+from .errors import InternalError, ZImageError
+from .schemas import EraseTextRequest, ResultEvent
+from .settings import OcrSettings
+from .storage import Storage
+
+log = structlog.get_logger(__name__)
+
+
+class Erasures:
+    """Answers ``erase_text`` requests; ``close`` when the worker stops."""
+
+    def __init__(
+        self,
+        engine: ImageEngine,
+        storage: Storage,
+        dedup: Dedup,
+        ocr: OcrSettings,
+        engine_thread: Executor,
+        encode_pool: Executor,
+        image_format: str,
+    ) -> None:
+        self._engine = engine
+        self._storage = storage
+        self._dedup = dedup
+        self._ocr = ocr
+        self._engine_thread = engine_thread
+        self._encode_pool = encode_pool
+        self._image_format = image_format
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="zimage-erase")
+        self._eraser: TextEraser | None = None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def answer(
+        self, request: EraseTextRequest, arrived_at: float, budget_s: float, forced: bool
+    ) -> ResultEvent | None:
+        """The request's result event, or None when the worker stopped while it waited for
+        identical work (it stays uncommitted and is read again by the next owner)."""
+        started_wall, started = time.time(), time.perf_counter()
+        entry, error, cache_hit = None, None, False
+        try:
+            answered = await self._erase_or_recall(request, budget_s, forced)
+            if answered is None:
+                return None
+            entry, cache_hit = answered
+        except ZImageError as exc:
+            error = exc
+        except Exception as exc:  # the boundary: every request is answered
+            log.exception("erase_failed")
+            error = InternalError(f"text erasure failed: {exc!r}")
+        return ResultEvent.build(
+            request.request_id,
+            request.task,
+            error,
+            model=entry.model if entry else self._engine.model_info,
+            arrived_at=arrived_at,
+            images=entry.images if entry else None,
+            text_regions=entry.text_regions if entry else None,
+            cache_hit=cache_hit,
+            started_at=started_wall,
+            inference_s=0.0 if cache_hit else time.perf_counter() - started,
+        )
+
+    async def _erase_or_recall(
+        self, request: EraseTextRequest, budget_s: float, forced: bool
+    ) -> tuple[CacheEntry, bool] | None:
+        """The erased image's entry and whether it was recalled (no erasure ran here)."""
+        params = request.params
+        loop = asyncio.get_running_loop()
+        source = await read_source(params.source, self._storage)
+        eraser = await loop.run_in_executor(self._pool, self._text_eraser)
+        engine = eraser.resolve(params.engine)
+        model = (
+            self._engine.model_info if engine == "diffusion" else classical_model(self._ocr.backend)
+        )
+        source_sha = hashlib.sha256(source.data).hexdigest()
+        key = erase_content_key(source_sha, list(params.languages), engine, model)
+        claim = await self._dedup.claim(request.request_id, key, forced)
+        if claim.answer is not None:
+            if claim.answer.error is not None:
+                raise claim.answer.error
+            assert claim.answer.entry is not None
+            return claim.answer.entry, True
+        if claim.kind == "abandoned":
+            return None
+
+        def erase() -> EraseResult:  # the budget runs from when the erasure starts
+            return eraser.erase(source, engine, params.languages, time.monotonic() + budget_s)
+
+        try:
+            # The diffusion engine needs the model's device: it runs on the engine thread.
+            pool = self._engine_thread if engine == "diffusion" else self._pool
+            erased = await loop.run_in_executor(pool, erase)
+            images = await self._storage.put_images(
+                [erased.image], self._image_format, self._encode_pool
+            )
+        except asyncio.CancelledError:
+            await self._dedup.abandon(key)
+            raise
+        except Exception as exc:
+            if not isinstance(exc, ZImageError):
+                log.exception("erase_failed")
+                exc = InternalError(f"text erasure failed: {exc!r}")
+            await self._dedup.settle(key, request.request_id, Answer(error=exc))
+            raise exc from None
+        regions = [box.as_region() for box in erased.regions]
+        entry = CacheEntry(content_key=key, images=images, text_regions=regions, model=model)
+        await self._dedup.settle(key, request.request_id, Answer(entry))
+        return entry, False
+
+    def _text_eraser(self) -> TextEraser:
+        # Built on first use, off the loop: the OCR models load in a fraction of a second.
+        if self._eraser is None:
+            self._eraser = TextEraser(
+                detector_for(self._ocr),
+                diffusion=DiffusionInpainter(self._engine),
+                prefer_diffusion=self._engine.report.device != "cpu",
+            )
+        return self._eraser
