@@ -86,18 +86,6 @@ class Batcher(Generic[T]):
         self._closed = []
         return batches
 
-    def discard(self, predicate: object) -> list[T]:
-        """Remove and return the items for which ``predicate(item)`` is true."""
-        assert callable(predicate)
-        removed: list[T] = []
-        for batch in [*self._open.values(), *self._closed]:
-            keep = [item for item in batch.items if not predicate(item)]
-            removed.extend(item for item in batch.items if predicate(item))
-            batch.items = keep
-        self._closed = [b for b in self._closed if b.items]
-        self._open = {k: b for k, b in self._open.items() if b.items}
-        return removed
-
     def _expired(self, batch: Batch[T], now: float) -> bool:
         return now - batch.opened_at >= self._window_s
 

@@ -61,14 +61,13 @@ def test_zero_window_makes_every_batch_ready_immediately() -> None:
     assert batcher.ready(5)
 
 
-def test_drain_and_discard() -> None:
+def test_drain_takes_every_batch_ready_or_not() -> None:
     batcher: Batcher[str] = Batcher(window_s=10, max_images=8)
     batcher.add("a1", A, 1, now=0)
     batcher.add("b1", B, 1, now=1)
     batcher.add("a2", A, 1, now=2)
-    assert batcher.discard(lambda item: item == "a2") == ["a2"]
     drained = batcher.drain()
-    assert [b.items for b in drained] == [["a1"], ["b1"]]
+    assert [b.items for b in drained] == [["a1", "a2"], ["b1"]]
     assert len(batcher) == 0
 
 
