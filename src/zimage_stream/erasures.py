@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -22,7 +23,7 @@ from .dedup import Answer, Dedup
 from .engine import ImageEngine
 from .engine.inpaint import DiffusionInpainter
 from .erase import EraseResult, TextEraser, classical_model, detector_for, read_source
-from .errors import InternalError, ZImageError
+from .errors import ZImageError, as_error
 from .schemas import EraseTextRequest, ResultEvent
 from .settings import OcrSettings
 from .storage import Storage
@@ -30,28 +31,21 @@ from .storage import Storage
 log = structlog.get_logger(__name__)
 
 
+@dataclass(eq=False)
 class Erasures:
-    """Answers ``erase_text`` requests; ``close`` when the worker stops."""
+    """Answers ``erase_text`` requests with the worker's parts; ``close`` when it stops."""
 
-    def __init__(
-        self,
-        engine: ImageEngine,
-        storage: Storage,
-        dedup: Dedup,
-        ocr: OcrSettings,
-        engine_thread: Executor,
-        encode_pool: Executor,
-        image_format: str,
-    ) -> None:
-        self._engine = engine
-        self._storage = storage
-        self._dedup = dedup
-        self._ocr = ocr
-        self._engine_thread = engine_thread
-        self._encode_pool = encode_pool
-        self._image_format = image_format
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="zimage-erase")
-        self._eraser: TextEraser | None = None
+    engine: ImageEngine
+    storage: Storage
+    dedup: Dedup
+    ocr: OcrSettings
+    engine_thread: Executor  # owns the device: the diffusion engine runs there
+    encode_pool: Executor
+    image_format: str
+    _pool: ThreadPoolExecutor = field(
+        init=False, default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="zimage-erase")
+    )
+    _eraser: TextEraser | None = field(init=False, default=None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -68,16 +62,13 @@ class Erasures:
             if answered is None:
                 return None
             entry, cache_hit = answered
-        except ZImageError as exc:
-            error = exc
         except Exception as exc:  # the boundary: every request is answered
-            log.exception("erase_failed")
-            error = InternalError(f"text erasure failed: {exc!r}")
+            error = _logged(exc)
         return ResultEvent.build(
             request.request_id,
             request.task,
             error,
-            model=entry.model if entry else self._engine.model_info,
+            model=entry.model if entry else self.engine.model_info,
             arrived_at=arrived_at,
             images=entry.images if entry else None,
             text_regions=entry.text_regions if entry else None,
@@ -92,15 +83,15 @@ class Erasures:
         """The erased image's entry and whether it was recalled (no erasure ran here)."""
         params = request.params
         loop = asyncio.get_running_loop()
-        source = await read_source(params.source, self._storage)
+        source = await read_source(params.source, self.storage)
         eraser = await loop.run_in_executor(self._pool, self._text_eraser)
         engine = eraser.resolve(params.engine)
         model = (
-            self._engine.model_info if engine == "diffusion" else classical_model(self._ocr.backend)
+            self.engine.model_info if engine == "diffusion" else classical_model(self.ocr.backend)
         )
         source_sha = hashlib.sha256(source.data).hexdigest()
         key = erase_content_key(source_sha, list(params.languages), engine, model)
-        claim = await self._dedup.claim(request.request_id, key, forced)
+        claim = await self.dedup.claim(request.request_id, key, forced)
         if claim.answer is not None:
             if claim.answer.error is not None:
                 raise claim.answer.error
@@ -114,31 +105,37 @@ class Erasures:
 
         try:
             # The diffusion engine needs the model's device: it runs on the engine thread.
-            pool = self._engine_thread if engine == "diffusion" else self._pool
+            pool = self.engine_thread if engine == "diffusion" else self._pool
             erased = await loop.run_in_executor(pool, erase)
-            images = await self._storage.put_images(
-                [erased.image], self._image_format, self._encode_pool
+            images = await self.storage.put_images(
+                [erased.image], self.image_format, self.encode_pool
             )
         except asyncio.CancelledError:
-            await self._dedup.abandon(key)
+            await self.dedup.abandon(key)
             raise
         except Exception as exc:
-            if not isinstance(exc, ZImageError):
-                log.exception("erase_failed")
-                exc = InternalError(f"text erasure failed: {exc!r}")
-            await self._dedup.settle(key, request.request_id, Answer(error=exc))
-            raise exc from None
+            error = _logged(exc)
+            await self.dedup.settle(key, request.request_id, Answer(error=error))
+            raise error from None
         regions = [box.as_region() for box in erased.regions]
         entry = CacheEntry(content_key=key, images=images, text_regions=regions, model=model)
-        await self._dedup.settle(key, request.request_id, Answer(entry))
+        await self.dedup.settle(key, request.request_id, Answer(entry))
         return entry, False
 
     def _text_eraser(self) -> TextEraser:
         # Built on first use, off the loop: the OCR models load in a fraction of a second.
         if self._eraser is None:
             self._eraser = TextEraser(
-                detector_for(self._ocr),
-                diffusion=DiffusionInpainter(self._engine),
-                prefer_diffusion=self._engine.report.device != "cpu",
+                detector_for(self.ocr),
+                diffusion=DiffusionInpainter(self.engine),
+                prefer_diffusion=self.engine.report.device != "cpu",
             )
         return self._eraser
+
+
+def _logged(exc: Exception) -> ZImageError:
+    """``exc`` as the request's error; an unexpected one is logged with its traceback (once:
+    the error raised again from the erasure is already a contract error)."""
+    if not isinstance(exc, ZImageError):
+        log.exception("erase_failed")
+    return as_error(exc, "text erasure")

@@ -110,3 +110,11 @@ ERROR_CODES: tuple[str, ...] = tuple(_BY_CODE)
 def for_code(code: str) -> type[ZImageError]:
     """The error class for a contract error code (``internal`` for an unknown one)."""
     return _BY_CODE.get(code, InternalError)
+
+
+def as_error(exc: Exception, doing: str) -> ZImageError:
+    """``exc`` as a contract error: itself when it is one, else ``internal`` naming what
+    failed (``doing``), so that one boundary can answer any failure."""
+    if isinstance(exc, ZImageError):
+        return exc
+    return InternalError(f"{doing} failed: {exc!r}")

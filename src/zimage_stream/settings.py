@@ -116,7 +116,7 @@ class EngineSettings(_Section):
     # GPU (bench/gpu_latency.py), at the price of compiling during warm-up and per new shape.
     compile: CompileMode = "off"
     warmup: bool = True
-    warmup_size: int = Field(default=256, ge=64, le=2048)
+    warmup_size: int = Field(default=256, ge=64, le=2048, multiple_of=16)
     # torch threads on a CPU device; 0 = all cores but one, which the event loop keeps.
     cpu_threads: int = Field(default=0, ge=0)
     # A request's budget when it names none (its ``timeout_s``), for both tasks.

@@ -10,23 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator
-from types import TracebackType
 from typing import TYPE_CHECKING
 
-from .broker import free_port
+from .broker import LocalService, free_port
 from .settings import Settings
 
 if TYPE_CHECKING:
     from .worker import Worker
 
 
-class RedisServer:
+class RedisServer(LocalService):
     """A ``redis-server`` process on a loopback port, keeping nothing on disk; use as a
     context manager. ``stop()`` then ``start()`` restarts it on the same port."""
+
+    name = "redis-server"
+    start_timeout_s = 10.0
 
     def __init__(self, binary: str, port: int) -> None:
         self.binary, self.port = binary, port
@@ -47,47 +47,13 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> RedisServer:
-        """Start the process and wait until it accepts connections; idempotent."""
-        if self._process is not None:
-            return self
+    def _launch(self) -> subprocess.Popen[bytes]:
         no_disk = ["--save", "", "--appendonly", "no"]
-        self._process = subprocess.Popen(
+        return subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", *no_disk],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                code, self._process = self._process.returncode, None
-                raise RuntimeError(f"redis-server exited at start (code {code}, port {self.port})")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not listen on port {self.port} within {timeout_s} s")
-
-    def stop(self) -> None:
-        """Kill the process (it keeps nothing, so there is nothing to shut down gracefully)."""
-        process, self._process = self._process, None
-        if process is not None:
-            process.kill()
-            process.wait()
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @contextlib.asynccontextmanager
@@ -112,6 +78,8 @@ async def running_worker(
     except BaseException:
         worker.stop()
         task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
         raise
     try:
         yield worker
@@ -127,7 +95,10 @@ async def _wait_ready(worker: Worker, task: asyncio.Task[None], timeout_s: float
         [ready, task], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
     )
     ready.cancel()
+    if ready in done:
+        return
     if task in done:
         task.result()  # the worker's own error, when it failed to start
+        raise RuntimeError("the worker stopped before it was ready")
     if ready not in done:
         raise TimeoutError(f"the worker was not ready within {timeout_s} s")

@@ -12,8 +12,9 @@ The stages overlap so the device never waits on I/O:
   published by its own task while the next batch is already on the device. The consumer
   commits offsets up to the lowest record whose result is not acknowledged.
 
-Errors become data at one boundary per path (``_answer_batch_item``, ``_erase``,
-``_reject``): every request gets exactly one result event per processing attempt.
+Errors become data at one boundary per path (``_route``, ``Generations.answer``,
+``Erasures.answer``, ``_reject``): every request gets exactly one result event per
+processing attempt.
 """
 
 from __future__ import annotations
@@ -26,19 +27,19 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from structlog.contextvars import bound_contextvars
 
 from .batcher import Batch, Batcher
-from .cache import CacheEntry, ResultCache, content_key
+from .cache import ResultCache
 from .consumer import Delivery, RequestConsumer
 from .dedup import Answer, Dedup
-from .engine import BatchShape, GenerateJob, ImageEngine, JobOutcome, RunStats, run_batch
+from .engine import ImageEngine, JobOutcome, RunStats, run_batch
 from .erasures import Erasures
-from .errors import InternalError, ZImageError
+from .errors import ZImageError, as_error
+from .generations import Generations, Pending
 from .metrics import HttpEndpoint, WorkerMetrics
 from .producer import ResultProducer
 from .progress import step_reporter
@@ -46,15 +47,12 @@ from .schemas import (
     FORCE_HEADER,
     PASSED_HEADERS,
     EraseTextRequest,
-    GenerateRequest,
-    Provenance,
     RequestParseError,
     ResultEvent,
     parse_request,
 )
 from .settings import Settings
 from .storage import Storage
-from .styles import style_prompt
 from .topics import ensure_topics
 
 log = structlog.get_logger(__name__)
@@ -63,34 +61,6 @@ log = structlog.get_logger(__name__)
 def _forced(delivery: Delivery) -> bool:
     """A forced replay (``zimage-stream replay --force``): compute again, skip the cache."""
     return any(k == FORCE_HEADER and v == b"1" for k, v in delivery.headers)
-
-
-@dataclass(eq=False)
-class Pending:
-    """A validated generate request on its way to a result."""
-
-    delivery: Delivery
-    request: GenerateRequest
-    job: GenerateJob
-    content_key: str
-    arrived_at: float  # wall-clock seconds: submitted_at, else the broker's timestamp
-
-    @property
-    def shape(self) -> BatchShape:
-        """What the requests of one pipeline call must share."""
-        params = self.request.params
-        return BatchShape(
-            params.width, params.height, params.num_inference_steps, params.guidance_scale
-        )
-
-    @property
-    def provenance(self) -> Provenance:
-        params = self.request.params
-        return Provenance(
-            seed=self.job.seed,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-        )
 
 
 class Worker:
@@ -116,6 +86,13 @@ class Worker:
         self.ready = asyncio.Event()
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="zimage-engine")
         self._encode_pool = ThreadPoolExecutor(2, thread_name_prefix="zimage-encode")
+        self.generations = Generations(
+            self._engine,
+            self._storage,
+            self.dedup,
+            self._encode_pool,
+            settings.storage.image_format,
+        )
         self.erasures = Erasures(
             self._engine,
             self._storage,
@@ -227,7 +204,8 @@ class Worker:
         if late:
             log.warning("shutdown_grace_exceeded", cancelled=len(late), grace_s=grace)
             await asyncio.gather(*late, return_exceptions=True)
-        log.info("worker_stopped", cache_hits=self.dedup.stats.hits, **self.stats)
+        fast_path = {"cache_hits": self.dedup.stats.hits, "followers": self.dedup.stats.followers}
+        log.info("worker_stopped", **fast_path, **self.stats)
 
     # -- admit: fetch, validate, route -------------------------------------------------------
 
@@ -247,25 +225,20 @@ class Worker:
         if isinstance(request, EraseTextRequest):
             self._spawn(self._erase(delivery, request))
             return
-        self._spawn(self._route(self._pending(delivery, request)))
-
-    def _pending(self, delivery: Delivery, request: GenerateRequest) -> Pending:
-        params = request.params
-        job = GenerateJob(
-            prompt=style_prompt(params.prompt, params.style),
-            num_images=params.num_images,
-            seed=params.resolved_seed(),
-        )
-        key = content_key(request, self._engine.model_info)
-        return Pending(delivery, request, job, key, request.arrived_at(delivery.record.timestamp))
+        self._spawn(self._route(Pending.admit(delivery, request, self._engine.model_info)))
 
     async def _route(self, pending: Pending) -> None:
         """Answer from the cache or with identical work in flight, else batch it."""
         request = pending.request
         with bound_contextvars(request_id=request.request_id):
-            claim = await self.dedup.claim(
-                request.request_id, pending.content_key, _forced(pending.delivery)
-            )
+            try:
+                claim = await self.dedup.claim(
+                    request.request_id, pending.content_key, _forced(pending.delivery)
+                )
+            except Exception as exc:  # the boundary: a request is always answered
+                log.exception("fast_path_failed")
+                await self._publish_answer(pending, Answer(error=as_error(exc, "the cache")))
+                return
             if claim.kind == "lead":
                 self._enqueue(pending)
             elif claim.answer is not None:
@@ -317,12 +290,10 @@ class Worker:
             outcomes = await asyncio.get_running_loop().run_in_executor(
                 self._engine_thread, run, progress
             )
-        except ZImageError as exc:
-            outcomes = [JobOutcome(error=exc) for _ in jobs]
         except Exception as exc:
-            log.exception("inference_failed")
-            failed = InternalError(f"inference failed: {exc!r}")
-            outcomes = [JobOutcome(error=failed) for _ in jobs]
+            if not isinstance(exc, ZImageError):
+                log.exception("inference_failed")
+            outcomes = [JobOutcome(error=as_error(exc, "inference")) for _ in jobs]
         elapsed = time.perf_counter() - started
         self.metrics.record_batch(len(batch), elapsed)
         self.engine_busy_s += elapsed
@@ -360,52 +331,13 @@ class Worker:
     async def _answer_batch_item(
         self, pending: Pending, outcome: JobOutcome, started_at: float
     ) -> None:
-        request = pending.request
-        with bound_contextvars(request_id=request.request_id):
-            error, refs = outcome.error, []
-            if outcome.images is not None:
-                try:
-                    refs = await self._storage.put_images(
-                        outcome.images, self._settings.storage.image_format, self._encode_pool
-                    )
-                except ZImageError as exc:
-                    error = exc
-            model = self._engine.model_info
-            entry = (
-                None
-                if error
-                else CacheEntry(content_key=pending.content_key, images=refs, model=model)
-            )
-            await self.dedup.settle(pending.content_key, request.request_id, Answer(entry, error))
+        with bound_contextvars(request_id=pending.request.request_id):
             self.metrics.queue_seconds.observe(max(0.0, started_at - pending.arrived_at))
-            result = ResultEvent.build(
-                request.request_id,
-                request.task,
-                error,
-                model=model,
-                arrived_at=pending.arrived_at,
-                images=refs,
-                started_at=started_at,
-                inference_s=outcome.seconds,
-                provenance=pending.provenance,
-            )
+            result = await self.generations.answer(pending, outcome, started_at)
             await self._publish(pending.delivery, result)
 
     async def _publish_answer(self, pending: Pending, answer: Answer) -> None:
-        """Publish a result that ran no inference for ``pending``: a stored result, or the
-        error of the identical request it waited for."""
-        request, entry = pending.request, answer.entry
-        result = ResultEvent.build(
-            request.request_id,
-            request.task,
-            answer.error,
-            model=entry.model if entry else self._engine.model_info,
-            arrived_at=pending.arrived_at,
-            images=entry.images if entry else None,
-            cache_hit=entry is not None,
-            provenance=pending.provenance,
-        )
-        await self._publish(pending.delivery, result)
+        await self._publish(pending.delivery, self.generations.recalled(pending, answer))
 
     # -- text erasure ------------------------------------------------------------------------
 

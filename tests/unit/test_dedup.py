@@ -7,13 +7,13 @@ where none is installed); no Kafka is involved.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from zimage_stream.cache import CacheEntry, MemoryBackend, RedisBackend, ResultCache
-from zimage_stream.dedup import Answer, Dedup, DedupStats
+from zimage_stream.dedup import Answer, Dedup
 from zimage_stream.errors import InferenceTimeoutError
 from zimage_stream.schemas import ImageRef, ModelInfo
 from zimage_stream.settings import StorageSettings
@@ -51,40 +51,53 @@ async def _stored_entry(storage: Storage, key: str) -> CacheEntry:
     return CacheEntry(content_key=key, images=[image], model=MODEL)
 
 
-async def _dedup(cache: ResultCache, storage: Storage, owner: str) -> Dedup:
-    dedup = Dedup(cache, storage, LOCK_TTL_S, owner=owner)
-    await dedup.start()
-    return dedup
+StartWorker = Callable[[str], Awaitable[Dedup]]
+
+
+@pytest.fixture
+async def worker(cache: ResultCache, storage: Storage) -> AsyncIterator[StartWorker]:
+    """Starts one worker's fast path per call (by owner name); all are stopped at the end."""
+    started: list[Dedup] = []
+
+    async def start(owner: str) -> Dedup:
+        dedup = Dedup(cache, storage, LOCK_TTL_S, owner=owner)
+        await dedup.start()
+        started.append(dedup)
+        return dedup
+
+    yield start
+    for dedup in started:
+        await dedup.stop()
 
 
 async def test_a_stored_result_is_a_hit_and_a_missing_object_a_miss(
-    cache: ResultCache, storage: Storage
+    cache: ResultCache, storage: Storage, worker: StartWorker
 ) -> None:
-    dedup = await _dedup(cache, storage, "w1")
+    dedup = await worker("w1")
     entry = await _stored_entry(storage, "k1")
     await cache.remember(["first"], entry)
     claim = await dedup.claim("second", "k1")
-    assert claim.kind == "answered" and claim.cache_hit and claim.answer == Answer(entry)
+    assert claim.kind == "answered" and claim.answer == Answer(entry)
     # An entry whose image is gone from storage is stale: computed again.
     gone = entry.model_copy(update={"content_key": "k2"})
     gone.images[0] = gone.images[0].model_copy(update={"uri": entry.images[0].uri + ".gone"})
     await cache.remember(["third"], gone)
     assert (await dedup.claim("fourth", "k2")).kind == "lead"
     assert (dedup.stats.hits, dedup.stats.misses, dedup.stats.stale) == (1, 1, 1)
-    await dedup.stop()
 
 
-async def test_a_forced_replay_skips_the_cache(cache: ResultCache, storage: Storage) -> None:
-    dedup = await _dedup(cache, storage, "w1")
+async def test_a_forced_replay_skips_the_cache(
+    cache: ResultCache, storage: Storage, worker: StartWorker
+) -> None:
+    dedup = await worker("w1")
     await cache.remember(["first"], await _stored_entry(storage, "k1"))
     assert (await dedup.claim("again", "k1", forced=True)).kind == "lead"
-    await dedup.stop()
 
 
 async def test_identical_requests_follow_the_leader_and_are_remembered(
-    cache: ResultCache, storage: Storage
+    cache: ResultCache, storage: Storage, worker: StartWorker
 ) -> None:
-    dedup = await _dedup(cache, storage, "w1")
+    dedup = await worker("w1")
     assert (await dedup.claim("leader", "k1")).kind == "lead"
     followers = [asyncio.create_task(dedup.claim(f"f{i}", "k1")) for i in range(2)]
     await asyncio.sleep(0.05)
@@ -97,14 +110,12 @@ async def test_identical_requests_follow_the_leader_and_are_remembered(
     # Each follower's id is remembered: a repeat of it is answered from the store.
     for request_id in ("leader", "f0", "f1"):
         assert await cache.find(request_id, "other-content") == entry
-    assert "k1" not in dedup
-    await dedup.stop()
 
 
 async def test_followers_share_the_leaders_error_and_nothing_is_remembered(
-    cache: ResultCache, storage: Storage
+    cache: ResultCache, storage: Storage, worker: StartWorker
 ) -> None:
-    dedup = await _dedup(cache, storage, "w1")
+    dedup = await worker("w1")
     assert (await dedup.claim("leader", "k1")).kind == "lead"
     follower = asyncio.create_task(dedup.claim("f", "k1"))
     await asyncio.sleep(0.02)
@@ -112,18 +123,23 @@ async def test_followers_share_the_leaders_error_and_nothing_is_remembered(
     await dedup.settle("k1", "leader", Answer(error=failed))
     claim = await follower
     assert claim.kind == "answered" and claim.answer is not None
-    assert claim.answer.error is failed and not claim.cache_hit
+    assert claim.answer.error is failed and claim.answer.entry is None
     assert await cache.find("f", "k1") is None
     # The key is free again: the next identical request computes it.
     assert (await dedup.claim("retry", "k1")).kind == "lead"
-    await dedup.stop()
+
+
+async def _two_workers_a_leading(worker: StartWorker) -> tuple[Dedup, Dedup]:
+    """Workers ``a`` and ``b``; ``a`` leads content ``k1`` (request ``ra``)."""
+    a, b = await worker("a"), await worker("b")
+    assert (await a.claim("ra", "k1")).kind == "lead"
+    return a, b
 
 
 async def test_another_worker_waits_for_the_holder_and_then_hits(
-    cache: ResultCache, storage: Storage
+    cache: ResultCache, storage: Storage, worker: StartWorker
 ) -> None:
-    a, b = await _dedup(cache, storage, "a"), await _dedup(cache, storage, "b")
-    assert (await a.claim("ra", "k1")).kind == "lead"
+    a, b = await _two_workers_a_leading(worker)
     waiting = asyncio.create_task(b.claim("rb", "k1"))
     await asyncio.sleep(LOCK_TTL_S * 2.5)  # a's keeper extends its lock meanwhile
     assert not waiting.done()
@@ -132,24 +148,22 @@ async def test_another_worker_waits_for_the_holder_and_then_hits(
     claim = await asyncio.wait_for(waiting, 5)
     assert claim.kind == "answered" and claim.answer == Answer(entry)
     assert await cache.find("rb", "unrelated") == entry  # b remembered its own id
-    await a.stop()
-    await b.stop()
 
 
-async def test_a_dead_holders_work_is_taken_over(cache: ResultCache, storage: Storage) -> None:
+async def test_a_dead_holders_work_is_taken_over(
+    cache: ResultCache, storage: Storage, worker: StartWorker
+) -> None:
     dead = Dedup(cache, storage, LOCK_TTL_S, owner="dead")  # never started: no keeper
     assert (await dead.claim("ra", "k1")).kind == "lead"
-    b = await _dedup(cache, storage, "b")
+    b = await worker("b")
     claim = await asyncio.wait_for(b.claim("rb", "k1"), LOCK_TTL_S * 5)
     assert claim.kind == "lead"  # the lock expired with its holder
-    await b.stop()
 
 
 async def test_stopping_abandons_waiters_and_releases_locks(
-    cache: ResultCache, storage: Storage
+    cache: ResultCache, storage: Storage, worker: StartWorker
 ) -> None:
-    a, b = await _dedup(cache, storage, "a"), await _dedup(cache, storage, "b")
-    assert (await a.claim("ra", "k1")).kind == "lead"
+    a, b = await _two_workers_a_leading(worker)
     local = asyncio.create_task(a.claim("ra2", "k1"))
     remote = asyncio.create_task(b.claim("rb", "k1"))
     await asyncio.sleep(0.1)
@@ -157,14 +171,33 @@ async def test_stopping_abandons_waiters_and_releases_locks(
     assert (await asyncio.wait_for(remote, 2)).kind == "abandoned"
     await a.stop()  # a never computed k1: its follower is abandoned, its lock released
     assert (await asyncio.wait_for(local, 2)).kind == "abandoned"
-    c = await _dedup(cache, storage, "c")
+    c = await worker("c")
     assert (await c.claim("rc", "k1")).kind == "lead"  # no one holds k1 any more
-    await b.stop()
-    await c.stop()
 
 
-def test_hit_rate() -> None:
-    stats = DedupStats()
-    assert stats.hit_rate == 0.0
-    stats.hits, stats.misses = 3, 1
-    assert stats.hit_rate == pytest.approx(0.75)
+async def test_nothing_new_is_led_once_the_worker_stops(
+    cache: ResultCache, storage: Storage, worker: StartWorker
+) -> None:
+    dedup = await worker("w1")
+    dedup.close()
+    # Claimed while stopping: not computed, and the lock is not left behind.
+    assert (await dedup.claim("late", "k1")).kind == "abandoned"
+    other = await worker("w2")
+    assert (await asyncio.wait_for(other.claim("other", "k1"), 2)).kind == "lead"
+
+
+async def test_a_failing_claim_leaves_nothing_claimed(
+    cache: ResultCache, storage: Storage, worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dedup = await worker("w1")
+
+    async def corrupt(key: str) -> None:
+        raise ValueError("a stored result that no longer parses")
+
+    monkeypatch.setattr(cache, "peek", corrupt)
+    with pytest.raises(ValueError, match="no longer parses"):
+        await dedup.claim("r1", "k1")
+    monkeypatch.undo()
+    # The key and its lock are free: the same worker and another can lead it again.
+    other = await worker("w2")
+    assert (await asyncio.wait_for(other.claim("r2", "k1"), 2)).kind == "lead"

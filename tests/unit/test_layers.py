@@ -37,7 +37,7 @@ FLOORS: list[set[str]] = [
         "progress",
     },
     # 4. the stages
-    {"erasures", "worker"},
+    {"erasures", "generations", "worker"},
     # 5. the edges: command line, demo, local services for tests and benchmarks
     {"cli", "demo", "testing", "__main__", "__init__"},
 ]

@@ -1,0 +1,112 @@
+"""The worker's ``generate`` path around the engine: a request on its way to a result
+(``Pending``), and how its answer becomes a result event. A batch item's images are
+stored, settled in the fast path (remembered before anyone is told) and turned into its
+result; a request answered without inference (a cache hit, or the outcome of identical
+work it waited for) gets its result from that answer.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from .cache import CacheEntry, content_key
+from .consumer import Delivery
+from .dedup import Answer, Dedup
+from .engine import BatchShape, GenerateJob, ImageEngine, JobOutcome
+from .errors import as_error
+from .schemas import GenerateRequest, ModelInfo, Provenance, ResultEvent
+from .storage import Storage
+from .styles import style_prompt
+
+
+@dataclass(eq=False)
+class Pending:
+    """A validated generate request on its way to a result."""
+
+    delivery: Delivery
+    request: GenerateRequest
+    job: GenerateJob
+    content_key: str
+    arrived_at: float  # wall-clock seconds: submitted_at, else the broker's timestamp
+
+    @classmethod
+    def admit(cls, delivery: Delivery, request: GenerateRequest, model: ModelInfo) -> Pending:
+        params = request.params
+        job = GenerateJob(
+            prompt=style_prompt(params.prompt, params.style),
+            num_images=params.num_images,
+            seed=params.resolved_seed(),
+        )
+        key = content_key(request, model)
+        return cls(delivery, request, job, key, request.arrived_at(delivery.record.timestamp))
+
+    @property
+    def shape(self) -> BatchShape:
+        """What the requests of one pipeline call must share."""
+        params = self.request.params
+        return BatchShape(
+            params.width, params.height, params.num_inference_steps, params.guidance_scale
+        )
+
+    @property
+    def provenance(self) -> Provenance:
+        params = self.request.params
+        return Provenance(
+            seed=self.job.seed,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+        )
+
+
+@dataclass(eq=False)
+class Generations:
+    """Turns generate outcomes and answers into result events, with the worker's parts."""
+
+    engine: ImageEngine
+    storage: Storage
+    dedup: Dedup
+    encode_pool: Executor
+    image_format: str
+
+    async def answer(self, pending: Pending, outcome: JobOutcome, started_at: float) -> ResultEvent:
+        """The result of a batch item: its images stored and settled, or its error."""
+        request, model = pending.request, self.engine.model_info
+        error, refs = outcome.error, []
+        if outcome.images is not None:
+            try:
+                refs = await self.storage.put_images(
+                    outcome.images, self.image_format, self.encode_pool
+                )
+            except Exception as exc:
+                error = as_error(exc, "storing the images")
+        entry = (
+            None if error else CacheEntry(content_key=pending.content_key, images=refs, model=model)
+        )
+        await self.dedup.settle(pending.content_key, request.request_id, Answer(entry, error))
+        return ResultEvent.build(
+            request.request_id,
+            request.task,
+            error,
+            model=model,
+            arrived_at=pending.arrived_at,
+            images=refs,
+            started_at=started_at,
+            inference_s=outcome.seconds,
+            provenance=pending.provenance,
+        )
+
+    def recalled(self, pending: Pending, answer: Answer) -> ResultEvent:
+        """The result of a request that ran no inference: a stored result, or the error of
+        the identical request it waited for."""
+        request, entry = pending.request, answer.entry
+        return ResultEvent.build(
+            request.request_id,
+            request.task,
+            answer.error,
+            model=entry.model if entry else self.engine.model_info,
+            arrived_at=pending.arrived_at,
+            images=entry.images if entry else None,
+            cache_hit=entry is not None,
+            provenance=pending.provenance,
+        )
