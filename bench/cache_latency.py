@@ -25,22 +25,14 @@ from _services import (
     percentile,
     redis_server,
 )
+from zimage_stream.client import generate_request
 from zimage_stream.testing import running_worker
 
 
 def _request(request_id: str, product: int) -> dict:
-    return {
-        "schema_version": 1,
-        "request_id": request_id,
-        "task": "generate",
-        "params": {
-            "prompt": f"product photo {product}",
-            "width": 256,
-            "height": 256,
-            "num_images": 1,
-            "num_inference_steps": 2,
-        },
-    }
+    return generate_request(
+        f"product photo {product}", request_id, width=256, height=256, num_images=1, steps=2
+    )
 
 
 async def run(requests: int, repeat_share: float, warm: int, rate: float) -> None:

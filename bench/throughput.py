@@ -28,9 +28,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 # Run as a script, so this folder is on sys.path and _services imports directly.
 from _services import Receiver, bench_settings, broker, percentile
+from zimage_stream.client import generate_request
 from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine
 from zimage_stream.imaging import encode_image
-from zimage_stream.schemas import ImageRef, ResultEvent, Timings, parse_request
+from zimage_stream.schemas import ImageRef, ResultEvent, parse_request
 from zimage_stream.settings import Settings
 from zimage_stream.storage import Storage
 from zimage_stream.styles import style_prompt
@@ -44,20 +45,14 @@ def workload(requests: int, repeat_share: float, steps: int) -> list[dict[str, A
     rng = random.Random(11)
     items: list[dict[str, Any]] = []
     for index in range(requests):
+        request_id = f"t-{index}"
         if items and rng.random() < repeat_share:
-            params = dict(rng.choice(items)["params"])  # an exact repeat, new request id
-        else:
-            width, height = rng.choice(SIZES)
-            params = {
-                "prompt": f"studio photo of product {index}",
-                "width": width,
-                "height": height,
-                "num_images": rng.choice([1, 1, 2]),
-                "num_inference_steps": steps,
-                "seed": index,
-            }
+            items.append({**rng.choice(items), "request_id": request_id})  # an exact repeat
+            continue
+        width, height = rng.choice(SIZES)
+        prompt, images = f"studio photo of product {index}", rng.choice([1, 1, 2])
         items.append(
-            {"schema_version": 1, "request_id": f"t-{index}", "task": "generate", "params": params}
+            generate_request(prompt, request_id, None, width, height, images, index, steps)
         )
     return items
 
@@ -121,13 +116,13 @@ async def naive_service(settings: Settings, count: int, engine: ImageEngine) -> 
                         size_bytes=stored.size_bytes,
                     )
                 )
-            result = ResultEvent(
-                request_id=request.request_id,
-                task="generate",
-                status="succeeded",
-                images=refs,
+            result = ResultEvent.build(
+                request.request_id,
+                request.task,
+                None,
                 model=engine.model_info,
-                timings_ms=Timings(queued=0, inference=0, total=(time.time() - arrived) * 1000),
+                arrived_at=arrived,
+                images=refs,
             )
             await producer.send_and_wait(
                 settings.kafka.results_topic, result.to_bytes(), key=request.request_id.encode()
