@@ -94,6 +94,7 @@ class CacheStats:
     fast path's to count: ``dedup.DedupStats``)."""
 
     errors: int = 0
+    unreadable: int = 0  # entries that no longer parse (answered as misses)
     lookup_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
 
@@ -263,8 +264,8 @@ class ResultCache:
         raw = await self._guard(self._backend.get_many([self._req(request_id), self._res(key)]))
         self.stats.lookup_seconds.append(time.perf_counter() - started)
         by_id, by_content = raw if raw is not None else (None, None)
-        if by_id is not None:
-            entry = CacheEntry.model_validate_json(by_id)
+        entry = self._parse(by_id, self._req(request_id))
+        if entry is not None:
             if entry.content_key != key:
                 log.warning(
                     "request_id_reused_with_other_params",
@@ -272,12 +273,23 @@ class ResultCache:
                     note="answered from the stored result, not recomputed",
                 )
             return entry
-        return CacheEntry.model_validate_json(by_content) if by_content is not None else None
+        return self._parse(by_content, self._res(key))
 
     async def peek(self, key: str) -> CacheEntry | None:
         raw = await self._guard(self._backend.get_many([self._res(key)]))
-        found = raw[0] if raw else None
-        return CacheEntry.model_validate_json(found) if found is not None else None
+        return self._parse(raw[0] if raw else None, self._res(key))
+
+    def _parse(self, raw: bytes | None, name: str) -> CacheEntry | None:
+        """A stored entry, or None when there is none or it no longer parses (an older
+        layout, a bad write): such an entry is a miss, overwritten by the next result."""
+        if raw is None:
+            return None
+        try:
+            return CacheEntry.model_validate_json(raw)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            self.stats.unreadable += 1
+            log.warning("cache_entry_unreadable", key=name, error=str(exc)[:200])
+            return None
 
     async def remember(self, request_ids: list[str], entry: CacheEntry) -> None:
         """Store a succeeded result under its content and under each request id."""

@@ -148,3 +148,18 @@ def test_erase_key_depends_on_source_languages_engine_and_model() -> None:
     assert erase_content_key("a" * 64, ["en"], "classical", MODEL) != base
     assert erase_content_key("a" * 64, ["en", "ch"], "diffusion", MODEL) != base
     assert base != content_key(_request(), MODEL)
+
+
+async def test_an_entry_that_no_longer_parses_is_a_miss_and_is_overwritten() -> None:
+    backend = MemoryBackend()
+    cache = ResultCache(backend, ttl_s=60, request_ttl_s=60)
+    key = content_key(_request(), MODEL)
+    layout_v0 = b'{"content_key": "k", "uris": ["file:///old.png"]}'
+    await backend.set_many([("zimage:v1:res:" + key, layout_v0), ("zimage:v1:req:r1", b"\xff")], 60)
+    with capture_logs() as logs:
+        assert await cache.find("r1", key) is None
+        assert await cache.peek(key) is None
+    assert cache.stats.unreadable == 3
+    assert {e["event"] for e in logs} == {"cache_entry_unreadable"}
+    await cache.remember(["r1"], _entry(key))
+    assert await cache.find("r1", key) == _entry(key) == await cache.peek(key)
