@@ -146,3 +146,19 @@ def test_loading_falls_back_to_offload_then_cpu(
     assert engine._device == device
     if placement == "cpu":
         assert pipe.moves == ["cuda", "cpu", "offload:cuda", "unhooked", "cpu"]
+
+
+def test_a_request_the_model_cannot_take_fails_alone(engine: ImageEngine) -> None:
+    # The miniature text encoder has few positions: a long prompt breaks the whole call.
+    culprit = GenerateJob("a mug with a very long description " * 30, 1, 5)
+    sizes = _calls(engine, lambda where, value: None)
+    stats = RunStats()
+    outcomes = run_batch(engine, [JOBS[0], culprit, JOBS[1]], SHAPE, [60.0] * 3, stats)
+    assert outcomes[1].images is None and outcomes[1].error is not None
+    assert outcomes[1].error.code == "internal" and "inference failed" in outcomes[1].error.message
+    for index, job in ((0, JOBS[0]), (2, JOBS[1])):  # the neighbours ran alone
+        (solo,) = run_batch(engine, [job], SHAPE, [60.0])
+        assert outcomes[index].error is None and outcomes[index].images is not None
+        assert solo.images is not None
+        assert np.array_equal(np.asarray(outcomes[index].images[0]), np.asarray(solo.images[0]))
+    assert stats.isolations == 1 and sizes[:4] == [3, 1, 1, 1]

@@ -6,7 +6,9 @@ denoising steps once the earliest deadline among its jobs passes; the jobs whose
 up get ``timeout``, and the others are run again without them. When the device runs out
 of memory, the batch is split in halves, and the halves are run one after the other,
 down to one job; a single job that still does not fit gets ``out_of_memory``
-(retriable). Device memory is freed after every failed call.
+(retriable). Any other failure of a call with several jobs runs each job alone, so one
+request the model cannot take fails by itself (``internal``) and its neighbours are
+answered. Device memory is freed after every failed call.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import structlog
 import torch
 from PIL import Image
 
-from ..errors import InferenceTimeoutError, OutOfMemoryError, ZImageError
+from ..errors import InferenceTimeoutError, OutOfMemoryError, ZImageError, as_error
 from .pipeline import BatchShape, DeadlineExceeded, GenerateJob, ImageEngine
 
 log = structlog.get_logger(__name__)
@@ -41,6 +43,7 @@ class RunStats:
     calls: int = 0
     timeouts: int = 0
     oom_splits: int = 0
+    isolations: int = 0  # batches run again request by request after an error
 
 
 def run_batch(
@@ -51,7 +54,7 @@ def run_batch(
     stats: RunStats | None = None,
     on_step: Callable[[list[int], int, int], None] | None = None,
 ) -> list[JobOutcome]:
-    """Each job's outcome, in order. Exceptions other than the two handled here propagate.
+    """Each job's outcome, in order: its images, or the error that ended it.
 
     ``on_step(job indices, step, total)`` is called after each denoising step of a call.
     """
@@ -94,6 +97,19 @@ def run_batch(
             log.warning("out_of_memory_splitting", jobs=len(live), into=[half, len(live) - half])
             groups.appendleft(live[half:])
             groups.appendleft(live[:half])
+            continue
+        except Exception as exc:
+            # An error not tied to one request (a prompt the model cannot take, a broken
+            # kernel): run each request alone, so only the culprit fails.
+            engine.free_memory()
+            if len(live) > 1:
+                stats.isolations += 1
+                log.warning("batch_failed_running_alone", jobs=len(live), error=repr(exc))
+                groups.extendleft([index] for index in reversed(live))
+                continue
+            log.exception("inference_failed")
+            outcomes[live[0]].seconds = time.monotonic() - started
+            outcomes[live[0]].error = as_error(exc, "inference")
             continue
         done = time.monotonic() - started
         for index, job_images in zip(live, images, strict=True):
