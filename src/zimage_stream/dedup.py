@@ -80,6 +80,7 @@ class Dedup:
         self._lock_ttl_s = lock_ttl_s
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._followers: dict[str, list[tuple[str, asyncio.Future[Answer | None]]]] = {}
+        self._budgets: dict[str, float | None] = {}  # the budget of each key's leader here
         self._locked: set[str] = set()  # content keys whose cache lock this worker holds
         self._closing = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
@@ -116,17 +117,26 @@ class Dedup:
 
     # -- the protocol ----------------------------------------------------------------------
 
-    async def claim(self, request_id: str, key: str, forced: bool = False) -> Claim:
+    async def claim(
+        self, request_id: str, key: str, forced: bool = False, budget_s: float | None = None
+    ) -> Claim:
         """Decide how ``request_id`` with content ``key`` is answered (see the module doc).
 
         ``forced`` (a forced replay) skips the cache but still joins identical work.
+        ``budget_s`` is the request's time budget: a follower whose leader ran out of a
+        smaller one does not share that timeout, it is computed with its own.
         """
         entry = None if forced else await self.lookup(request_id, key)
         if entry is not None:
             return Claim("answered", Answer(entry))
         if key in self._followers:
-            return await self._follow(request_id, key)
+            leaders_s = self._budgets.get(key)
+            answer = await self._follow(request_id, key)
+            if _outlasts(budget_s, leaders_s, answer):
+                return await self.claim(request_id, key, forced, budget_s)
+            return Claim("abandoned") if answer is None else Claim("answered", answer)
         self._followers[key] = []
+        self._budgets[key] = budget_s
         try:
             return await self._lead_or_wait(request_id, key, forced)
         except BaseException:
@@ -163,6 +173,7 @@ class Dedup:
             ids = [request_id, *(rid for rid, _ in waiting)]
             await self._cache.remember(ids, answer.entry)
         followers = self._followers.pop(key, [])
+        self._budgets.pop(key, None)
         if answer.entry is not None and (late := followers[len(waiting) :]):
             await self._cache.remember([rid for rid, _ in late], answer.entry)
         await self._unlock(key)
@@ -174,6 +185,7 @@ class Dedup:
         """Give ``key`` up unanswered (the worker stops before computing it): release its
         lock so no worker waits for it, and abandon its followers."""
         await self._unlock(key)
+        self._budgets.pop(key, None)
         for _, future in self._followers.pop(key, []):
             if not future.done():
                 future.set_result(None)
@@ -194,12 +206,12 @@ class Dedup:
 
     # -- waiting ---------------------------------------------------------------------------
 
-    async def _follow(self, request_id: str, key: str) -> Claim:
+    async def _follow(self, request_id: str, key: str) -> Answer | None:
+        """The answer of the identical request leading ``key`` here (None: abandoned)."""
         self.stats.followers += 1
         future: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
         self._followers[key].append((request_id, future))
-        answer = await future
-        return Claim("abandoned") if answer is None else Claim("answered", answer)
+        return await future
 
     async def _wait_for_other_worker(self, request_id: str, key: str) -> Claim:
         """Another worker holds this content's lock: wait for its result, or take over."""
@@ -246,3 +258,10 @@ class Dedup:
             await asyncio.sleep(self._lock_ttl_s / 3)
             for key in list(self._locked):
                 await self._cache.extend_lock(key, self.owner, self._lock_ttl_s)
+
+
+def _outlasts(budget_s: float | None, leaders_s: float | None, answer: Answer | None) -> bool:
+    """Whether a follower with ``budget_s`` should compute again what its leader, with
+    ``leaders_s``, ran out of time for."""
+    timed_out = answer is not None and answer.error is not None and answer.error.code == "timeout"
+    return timed_out and budget_s is not None and leaders_s is not None and budget_s > leaders_s

@@ -91,7 +91,7 @@ class Erasures:
         )
         source_sha = hashlib.sha256(source.data).hexdigest()
         key = erase_content_key(source_sha, list(params.languages), engine, model)
-        claim = await self.dedup.claim(request.request_id, key, forced)
+        claim = await self.dedup.claim(request.request_id, key, forced, budget_s)
         if claim.answer is not None:
             if claim.answer.error is not None:
                 raise claim.answer.error

@@ -40,6 +40,7 @@ class WorkerState(Protocol):
     def cache_counts(self) -> dict[str, int]: ...
     def consumer_lag(self) -> dict[int, int]: ...
     def in_flight(self) -> int: ...
+    def undelivered(self) -> dict[str, int]: ...
 
 
 class WorkerMetrics:
@@ -123,6 +124,14 @@ class _StateCollector(Collector):
         in_flight = GaugeMetricFamily("zimage_in_flight", "Records read and not yet answered")
         in_flight.add_metric([], state.in_flight())
         yield in_flight
+        undelivered = CounterMetricFamily(
+            "zimage_undelivered",
+            "Results and dead letters given up after their send budget (records settled without)",
+            labels=["kind"],
+        )
+        for kind in ("result", "dead_letter"):
+            undelivered.add_metric([kind], state.undelivered().get(kind, 0))
+        yield undelivered
 
 
 Route = Callable[[], tuple[int, str, bytes]]

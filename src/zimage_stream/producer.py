@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
+from collections import Counter
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError
 
 from .kafka_security import security_options
 from .schemas import ProgressEvent, ResultEvent
@@ -14,16 +18,29 @@ from .settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
 
-PUBLISH_ATTEMPTS = 5
+#: how long a result or dead letter that the broker refuses for a passing reason (it is
+#: unreachable, a leader is moving) is tried again before it is given up
+SEND_BUDGET_S = 60.0
 
 
 class ResultProducer:
-    """Writes to the results and DLQ topics; every send waits for the broker's ack."""
+    """Writes to the results and DLQ topics; every send waits for the broker's ack.
 
-    def __init__(self, settings: KafkaSettings, **client_options: Any) -> None:
+    A result or dead letter that cannot be delivered is never left hanging: a passing
+    failure is tried again with a growing pause for up to ``send_budget_s``, a permanent
+    one (too large, not authorised, no such topic name) is not, and either way the caller
+    learns that it was given up, which is logged and counted in ``undelivered``.
+    """
+
+    def __init__(
+        self, settings: KafkaSettings, send_budget_s: float = SEND_BUDGET_S, **client_options: Any
+    ) -> None:
         self._settings = settings
+        self._send_budget_s = send_budget_s
         self._client_options = {**security_options(settings), **client_options}
         self._producer: AIOKafkaProducer | None = None
+        #: results and dead letters given up, by kind ("result", "dead_letter")
+        self.undelivered: Counter[str] = Counter()
 
     async def start(self) -> None:
         if self._producer is not None:
@@ -52,28 +69,14 @@ class ResultProducer:
         await self.stop()
 
     async def publish_result(
-        self,
-        result: ResultEvent,
-        key: bytes | None,
-        headers: list[tuple[str, bytes]] | None = None,
-        attempts: int = PUBLISH_ATTEMPTS,
+        self, result: ResultEvent, key: bytes | None, headers: list[tuple[str, bytes]] | None = None
     ) -> bool:
-        """Publish one result keyed by its request id (or the original key when it has none),
-        trying ``attempts`` times with a growing pause; False when it could not be published
-        (the request's offset then stays uncommitted and is read again)."""
+        """Publish one result keyed by its request id (or the original key when it has none);
+        False when it was given up."""
         if result.request_id is not None:
             key = result.request_id.encode()
-        for attempt in range(1, attempts + 1):
-            try:
-                await self._send(
-                    self._settings.results_topic, key, result.to_bytes(), headers or []
-                )
-                return True
-            except Exception as exc:
-                log.warning("publish_failed", attempt=attempt, error=repr(exc))
-                await asyncio.sleep(min(2.0**attempt * 0.1, 5.0))
-        log.error("result_not_published", note="offset left uncommitted for redelivery")
-        return False
+        topic = self._settings.results_topic
+        return await self._deliver("result", topic, key, result.to_bytes(), headers or [])
 
     async def publish_progress(self, event: ProgressEvent) -> None:
         """Best effort: a lost progress event only makes a progress bar skip."""
@@ -92,8 +95,9 @@ class ResultProducer:
         code: str,
         message: str,
         headers: list[tuple[str, bytes]] | None = None,
-    ) -> None:
-        """Send the original bytes, unchanged, to the DLQ with the reason in headers."""
+    ) -> bool:
+        """Send the original bytes, unchanged, to the DLQ with the reason in headers; False
+        when it was given up."""
         topic, partition, offset = source
         reason = [
             ("error.code", code.encode()),
@@ -104,13 +108,41 @@ class ResultProducer:
         ]
         reserved = {name for name, _ in reason}
         kept = [(k, v) for k, v in headers or [] if k not in reserved]
-        await self._send(self._settings.dlq_topic, key, value, kept + reason)
+        if not await self._deliver(
+            "dead_letter", self._settings.dlq_topic, key, value, kept + reason
+        ):
+            return False
         log.warning("dead_lettered", code=code, source_partition=partition, source_offset=offset)
+        return True
 
     async def flush(self) -> None:
         """Wait until everything sent so far is acknowledged (before offsets are committed)."""
         if self._producer is not None:
             await self._producer.flush()
+
+    async def _deliver(
+        self,
+        kind: str,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> bool:
+        deadline = time.monotonic() + self._send_budget_s
+        for attempt in itertools.count(1):
+            try:
+                await self._send(topic, key, value, headers)
+                return True
+            except Exception as exc:
+                pause = min(2.0**attempt * 0.1, 5.0)
+                again = _passing(exc) and time.monotonic() + pause < deadline
+                log.warning("send_failed", kind=kind, attempt=attempt, error=repr(exc), again=again)
+                if not again:
+                    break
+                await asyncio.sleep(pause)
+        self.undelivered[kind] += 1
+        log.error("send_given_up", kind=kind, topic=topic, note="its record is settled without it")
+        return False
 
     async def _send(
         self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
@@ -118,3 +150,9 @@ class ResultProducer:
         if self._producer is None:
             raise RuntimeError("ResultProducer is not started")
         await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)
+
+
+def _passing(exc: Exception) -> bool:
+    """Whether sending again may succeed: the broker could not be reached in time, or says
+    so itself (aiokafka's ``retriable`` errors)."""
+    return isinstance(exc, KafkaTimeoutError | OSError) or bool(getattr(exc, "retriable", False))

@@ -132,6 +132,9 @@ class Worker:
     def in_flight(self) -> int:
         return self._consumer.in_flight if self._consumer is not None else 0
 
+    def undelivered(self) -> dict[str, int]:
+        return dict(self._producer.undelivered) if self._producer is not None else {}
+
     def _readiness(self) -> dict[str, Any]:
         """Ready once the model is loaded and warm and the group is joined."""
         report = self._engine.report.as_dict() if self._engine.loaded else None
@@ -233,7 +236,10 @@ class Worker:
         with bound_contextvars(request_id=request.request_id):
             try:
                 claim = await self.dedup.claim(
-                    request.request_id, pending.content_key, _forced(pending.delivery)
+                    request.request_id,
+                    pending.content_key,
+                    _forced(pending.delivery),
+                    self._budget(request.timeout_s),
                 )
             except Exception as exc:  # the boundary: a request is always answered
                 log.exception("fast_path_failed")
@@ -356,15 +362,15 @@ class Worker:
     async def _reject(self, delivery: Delivery, exc: RequestParseError) -> None:
         """Dead-letter a message that is not a valid request, and answer it when possible."""
         record = delivery.record
-        await self._require_producer().dead_letter(
+        if await self._require_producer().dead_letter(
             record.value,
             record.key,
             delivery.source,
             exc.error.code,
             exc.error.message,
             delivery.headers,
-        )
-        self.stats["dead_letters"] += 1
+        ):
+            self.stats["dead_letters"] += 1
         with bound_contextvars(request_id=exc.request_id):
             log.info("request_refused", code=exc.error.code, reason=exc.error.message)
             result = ResultEvent.build(
@@ -379,13 +385,16 @@ class Worker:
     # -- publishing --------------------------------------------------------------------------
 
     async def _publish(self, delivery: Delivery, result: ResultEvent) -> None:
-        """Publish and mark the offset answered; on failure leave it for redelivery."""
+        """Publish and settle the record's offset, also when the result was given up (the
+        producer logged and counted it): no record stays in flight for good."""
         headers = [(k, v) for k, v in delivery.headers if k in PASSED_HEADERS]
-        if not await self._require_producer().publish_result(result, delivery.record.key, headers):
-            return
+        published = await self._require_producer().publish_result(
+            result, delivery.record.key, headers
+        )
         self._require_consumer().done(delivery)
-        self.stats["results"] += 1
-        self.metrics.results.labels(result.task or "unknown", result.status).inc()
+        if published:
+            self.stats["results"] += 1
+            self.metrics.results.labels(result.task or "unknown", result.status).inc()
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -4,15 +4,19 @@ Every test counts requests in and results out."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
 from collections import Counter
 from typing import Any
 
+import pytest
 import torch
+from aiokafka.errors import MessageSizeTooLargeError
 
-from tests.integration.conftest import KafkaIO, generate
+from tests.integration.conftest import KafkaIO, generate, wait_for_ids
+from zimage_stream.producer import ResultProducer
 from zimage_stream.settings import Settings
 from zimage_stream.testing import running_worker
 
@@ -47,6 +51,21 @@ async def test_a_request_past_its_budget_times_out_and_its_batch_mates_finish(
     # Stopped within about one step of its budget, not after all eight.
     assert results["short"]["timings_ms"]["inference"] < (1 + 0.3 + 1) * 1000
     assert results["long"]["status"] == "succeeded" and len(results["long"]["images"]) == 1
+
+
+async def test_an_identical_request_with_more_time_does_not_inherit_a_timeout(
+    settings: Settings, kafka_io: KafkaIO
+) -> None:
+    hasty = {**generate("hasty", "a mug on a desk", num_inference_steps=8), "timeout_s": 1}
+    patient = {**generate("patient", "a mug on a desk", num_inference_steps=8), "timeout_s": 300}
+    async with running_worker(settings) as worker:
+        worker.engine.fault_hook = lambda where, _: time.sleep(0.3) if where == "step" else None
+        await kafka_io.send(hasty, partition=0)
+        await kafka_io.send(patient, partition=0)  # identical content, following "hasty"
+        results = {r["request_id"]: r for r in await kafka_io.results(2)}
+    assert results["hasty"]["status"] == "timed_out"
+    assert results["patient"]["status"] == "succeeded", results["patient"]["error"]
+    assert results["patient"]["cache_hit"] is False
 
 
 async def test_out_of_memory_splits_the_batch_then_answers_clearly(
@@ -128,3 +147,34 @@ async def test_a_flood_of_poison_messages_is_answered_or_dead_lettered(
     # Every poison message whose id could be read was answered under that id.
     readable = {f"poison-{i}" for i in range(len(poison)) if i % 9 in (2, 5, 7)}
     assert readable <= answered_ids
+
+
+async def test_results_and_dead_letters_that_cannot_be_sent_are_settled(
+    settings: Settings, kafka_io: KafkaIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DLQ refuses every copy and one result is refused too (too large, say): the
+    records are answered where possible, counted, and the partition still moves to its end."""
+    refused = {settings.kafka.dlq_topic}
+    real_send = ResultProducer._send
+
+    async def refusing_send(self: ResultProducer, topic: str, key: Any, *rest: Any) -> None:
+        if topic in refused or key == b"refused-result":
+            raise MessageSizeTooLargeError()
+        await real_send(self, topic, key, *rest)
+
+    monkeypatch.setattr(ResultProducer, "_send", refusing_send)
+    async with running_worker(settings) as worker:
+        await kafka_io.send(generate("before"), partition=0)
+        await kafka_io.send(b"not json", key=b"junk", partition=0)
+        await kafka_io.send(generate("refused-result", "another mug"), partition=0)
+        await kafka_io.send(generate("after", "a third mug"), partition=0)
+        results = await wait_for_ids(kafka_io, {"before", "after"}, timeout_s=120)
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await kafka_io.committed()).get(0) != 4:
+            assert asyncio.get_running_loop().time() < deadline, await kafka_io.committed()
+            await asyncio.sleep(0.2)
+        assert worker.undelivered() == {"dead_letter": 1, "result": 1}
+    by_id = {r["request_id"]: r for r in results}
+    assert by_id["before"]["status"] == by_id["after"]["status"] == "succeeded"
+    assert by_id[None]["error"]["code"] == "invalid_json"  # answered though not dead-lettered
+    assert "refused-result" not in by_id

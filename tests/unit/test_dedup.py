@@ -201,3 +201,19 @@ async def test_a_failing_claim_leaves_nothing_claimed(
     # The key and its lock are free: the same worker and another can lead it again.
     other = await worker("w2")
     assert (await asyncio.wait_for(other.claim("r2", "k1"), 2)).kind == "lead"
+
+
+async def test_a_follower_with_more_time_does_not_share_its_leaders_timeout(
+    cache: ResultCache, storage: Storage, worker: StartWorker
+) -> None:
+    dedup = await worker("w1")
+    assert (await dedup.claim("quick", "k1", budget_s=1)).kind == "lead"
+    patient = asyncio.create_task(dedup.claim("patient", "k1", budget_s=300))
+    hasty = asyncio.create_task(dedup.claim("hasty", "k1", budget_s=1))
+    await asyncio.sleep(0.05)
+    timed_out = InferenceTimeoutError("inference took longer than its 1 s budget")
+    await dedup.settle("k1", "quick", Answer(error=timed_out))
+    # The one with the same budget shares the timeout; the patient one computes it itself.
+    hasty_claim = await asyncio.wait_for(hasty, 2)
+    assert hasty_claim.answer is not None and hasty_claim.answer.error is timed_out
+    assert (await asyncio.wait_for(patient, 2)).kind == "lead"
