@@ -19,8 +19,9 @@ from .settings import KafkaSettings
 log = structlog.get_logger(__name__)
 
 #: how long a result or dead letter that the broker refuses for a passing reason (it is
-#: unreachable, a leader is moving) is tried again before it is given up
-SEND_BUDGET_S = 60.0
+#: unreachable, a leader is moving) is tried again before it is given up: long enough that
+#: a broker restart or a short outage loses nothing
+SEND_BUDGET_S = 600.0
 
 
 class ResultProducer:

@@ -38,7 +38,7 @@ from .consumer import Delivery, RequestConsumer
 from .dedup import Answer, Dedup
 from .engine import ImageEngine, JobOutcome, RunStats, run_batch
 from .erasures import Erasures
-from .errors import ZImageError, as_error
+from .errors import InternalError, ZImageError, as_error
 from .generations import Generations, Pending
 from .metrics import HttpEndpoint, WorkerMetrics
 from .producer import ResultProducer
@@ -385,12 +385,23 @@ class Worker:
     # -- publishing --------------------------------------------------------------------------
 
     async def _publish(self, delivery: Delivery, result: ResultEvent) -> None:
-        """Publish and settle the record's offset, also when the result was given up (the
-        producer logged and counted it): no record stays in flight for good."""
+        """Publish the result and settle the record's offset. A result the broker refuses
+        for good (too large, say) is replaced by a small ``internal`` one; if that is
+        refused too, the record is settled without a result (the producer logged and
+        counted it): no record stays in flight for good."""
+        producer = self._require_producer()
         headers = [(k, v) for k, v in delivery.headers if k in PASSED_HEADERS]
-        published = await self._require_producer().publish_result(
-            result, delivery.record.key, headers
-        )
+        published = await producer.publish_result(result, delivery.record.key, headers)
+        if not published and result.error is None:
+            refused = InternalError("the result could not be published (see the worker's log)")
+            result = ResultEvent.build(
+                result.request_id,
+                result.task,
+                refused,
+                model=result.model or self._engine.model_info,
+                arrived_at=time.time() - result.timings_ms.total / 1000,
+            )
+            published = await producer.publish_result(result, delivery.record.key, headers)
         self._require_consumer().done(delivery)
         if published:
             self.stats["results"] += 1

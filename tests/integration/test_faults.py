@@ -152,29 +152,36 @@ async def test_a_flood_of_poison_messages_is_answered_or_dead_lettered(
 async def test_results_and_dead_letters_that_cannot_be_sent_are_settled(
     settings: Settings, kafka_io: KafkaIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The DLQ refuses every copy and one result is refused too (too large, say): the
-    records are answered where possible, counted, and the partition still moves to its end."""
-    refused = {settings.kafka.dlq_topic}
+    """The DLQ refuses every copy; one result is refused for good (too large, say) while a
+    failed one would go through; one is refused whatever it says. The records are answered
+    where possible, counted, and the partition still moves to its end."""
     real_send = ResultProducer._send
 
-    async def refusing_send(self: ResultProducer, topic: str, key: Any, *rest: Any) -> None:
-        if topic in refused or key == b"refused-result":
+    async def refusing_send(
+        self: ResultProducer, topic: str, key: Any, value: Any, *rest: Any
+    ) -> None:
+        too_big = key == b"too-big" and b'"status":"succeeded"' in value
+        if topic == settings.kafka.dlq_topic or too_big or key == b"refused":
             raise MessageSizeTooLargeError()
-        await real_send(self, topic, key, *rest)
+        await real_send(self, topic, key, value, *rest)
 
     monkeypatch.setattr(ResultProducer, "_send", refusing_send)
     async with running_worker(settings) as worker:
         await kafka_io.send(generate("before"), partition=0)
         await kafka_io.send(b"not json", key=b"junk", partition=0)
-        await kafka_io.send(generate("refused-result", "another mug"), partition=0)
-        await kafka_io.send(generate("after", "a third mug"), partition=0)
-        results = await wait_for_ids(kafka_io, {"before", "after"}, timeout_s=120)
+        await kafka_io.send(generate("too-big", "another mug"), partition=0)
+        await kafka_io.send(generate("refused", "a third mug"), partition=0)
+        await kafka_io.send(generate("after", "a fourth mug"), partition=0)
+        results = await wait_for_ids(kafka_io, {"before", "too-big", "after"}, timeout_s=120)
         deadline = asyncio.get_running_loop().time() + 30
-        while (await kafka_io.committed()).get(0) != 4:
+        while (await kafka_io.committed()).get(0) != 5:
             assert asyncio.get_running_loop().time() < deadline, await kafka_io.committed()
             await asyncio.sleep(0.2)
-        assert worker.undelivered() == {"dead_letter": 1, "result": 1}
+        # Given up: the dead letter, the too-big result, and both results of "refused".
+        assert worker.undelivered() == {"dead_letter": 1, "result": 3}
     by_id = {r["request_id"]: r for r in results}
     assert by_id["before"]["status"] == by_id["after"]["status"] == "succeeded"
     assert by_id[None]["error"]["code"] == "invalid_json"  # answered though not dead-lettered
-    assert "refused-result" not in by_id
+    assert by_id["too-big"]["status"] == "failed"
+    assert by_id["too-big"]["error"]["code"] == "internal"
+    assert "refused" not in by_id
