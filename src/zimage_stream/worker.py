@@ -47,12 +47,14 @@ from .schemas import (
     FORCE_HEADER,
     PASSED_HEADERS,
     EraseTextRequest,
+    GenerateRequest,
     RequestParseError,
     ResultEvent,
     parse_request,
 )
 from .settings import Settings
 from .storage import Storage
+from .styles import style_prompt
 from .topics import ensure_topics
 
 log = structlog.get_logger(__name__)
@@ -222,6 +224,8 @@ class Worker:
     def _admit(self, delivery: Delivery) -> None:
         try:
             request = parse_request(delivery.record.value, self._settings.kafka.max_message_bytes)
+            if isinstance(request, GenerateRequest):
+                self._check_caption(request)
         except RequestParseError as exc:
             self._spawn(self._reject(delivery, exc))
             return
@@ -229,6 +233,14 @@ class Worker:
             self._spawn(self._erase(delivery, request))
             return
         self._spawn(self._route(Pending.admit(delivery, request, self._engine.model_info)))
+
+    def _check_caption(self, request: GenerateRequest) -> None:
+        """A prompt longer than the model takes is refused before it is batched."""
+        params = request.params
+        try:
+            self._engine.check_caption(style_prompt(params.prompt, params.style))
+        except ZImageError as exc:
+            raise RequestParseError(exc, request.request_id, request.task) from None
 
     async def _route(self, pending: Pending) -> None:
         """Answer from the cache or with identical work in flight, else batch it."""

@@ -68,6 +68,24 @@ async def test_an_identical_request_with_more_time_does_not_inherit_a_timeout(
     assert results["patient"]["cache_hit"] is False
 
 
+async def test_a_prompt_longer_than_the_model_takes_is_refused_alone(
+    settings: Settings, kafka_io: KafkaIO
+) -> None:
+    settings = settings.replace(batch_window_ms=1000)
+    async with running_worker(settings) as worker:
+        long = generate("long", "a mug with a long description " * 40)
+        await kafka_io.send(long)
+        await kafka_io.send(generate("short", "a mug"))
+        results = {r["request_id"]: r for r in await kafka_io.results(2)}
+        (dead,) = await kafka_io.read(settings.kafka.dlq_topic, 1)
+        assert worker.stats["batch_requests"] == 1  # the long one never reached the model
+    assert results["long"]["status"] == "rejected"
+    assert results["long"]["error"]["code"] == "invalid_request"
+    assert f"at most {worker.engine.caption_limit}" in results["long"]["error"]["message"]
+    assert dead.headers["error.code"] == b"invalid_request" and dead.json() == long
+    assert results["short"]["status"] == "succeeded"
+
+
 async def test_out_of_memory_splits_the_batch_then_answers_clearly(
     settings: Settings, kafka_io: KafkaIO
 ) -> None:

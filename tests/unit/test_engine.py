@@ -9,7 +9,7 @@ import pytest
 
 from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine
 from zimage_stream.engine.device import needs_padding_mask, select_attention_backend
-from zimage_stream.errors import ModelUnavailableError
+from zimage_stream.errors import ModelUnavailableError, ZImageError
 from zimage_stream.settings import EngineSettings
 
 SMALL = BatchShape(width=256, height=256, num_inference_steps=4, guidance_scale=0.0)
@@ -138,3 +138,19 @@ def test_regional_compile_is_applied_and_draws_the_same_picture(
     plain = _pixels(engine.generate([job], shape)[0][0]).astype(int)
     fast = _pixels(compiled.generate([job], shape)[0][0]).astype(int)
     assert np.abs(plain - fast).max() <= 2  # the same picture, to float rounding
+
+
+def test_a_caption_longer_than_the_model_takes_is_refused_before_it_runs(
+    engine: ImageEngine,
+) -> None:
+    # The miniature transformer holds 224 caption tokens (the real model: 512, where the
+    # pipeline cuts captions).
+    assert engine.caption_limit == 224
+    fits, too_long = "x " * 104, "x " * 105  # 224 and 226 tokens once templated
+    engine.check_caption(fits)
+    engine.generate([GenerateJob(fits, 1, 0)], BatchShape(64, 64, 1, 0.0))
+    with pytest.raises(ZImageError) as refused:
+        engine.check_caption(too_long)
+    assert refused.value.code == "invalid_request" and "at most 224" in refused.value.message
+    with pytest.raises(IndexError):  # what the model does with it
+        engine.generate([GenerateJob(too_long, 1, 0)], BatchShape(64, 64, 1, 0.0))

@@ -6,6 +6,7 @@ keeps heartbeating, fetching and publishing while the device works.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -20,7 +21,7 @@ import structlog
 import torch
 from PIL import Image
 
-from ..errors import ModelUnavailableError
+from ..errors import InvalidRequestError, ModelUnavailableError
 from ..schemas import MAX_SEED, ModelInfo
 from ..settings import EngineSettings
 from .device import (
@@ -104,6 +105,9 @@ class ImageEngine:
         self._pipe: Any = None
         self._report: LoadReport | None = None
         self._device = "cpu"
+        self._counter: Any = None
+        #: the longest caption (tokens) the loaded model takes whole
+        self.caption_limit = MAX_CAPTION_TOKENS
         self.fault_hook: FaultHook | None = None
 
     @property
@@ -164,6 +168,10 @@ class ImageEngine:
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
             log.info("transformer_compile", mode="regional")
         self._pipe = pipe
+        # The caption counter's own tokenizer: a fast tokenizer changes its padding and
+        # truncation state on every call, so the event loop must not share the pipeline's.
+        self._counter = copy.deepcopy(pipe.tokenizer)
+        self.caption_limit = _caption_limit(pipe)
         self._report = LoadReport(
             model_id=settings.model,
             revision=_model_revision(settings, pipe),
@@ -176,6 +184,26 @@ class ImageEngine:
         )
         log.info("model_loaded", **self._report.as_dict())
         return self._report
+
+    def check_caption(self, prompt: str) -> None:
+        """Raise ``invalid_request`` when ``prompt`` (styled) is longer than the model takes.
+
+        Past the limit the pipeline would cut the caption silently (losing the style text
+        at its end) or, where the transformer has fewer caption positions, fail the whole
+        batch; the request's own fault is better said before it is batched.
+        """
+        templated = self._counter.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+        tokens = len(self._counter(templated).input_ids)
+        if tokens > self.caption_limit:
+            raise InvalidRequestError(
+                f"params.prompt: {tokens} tokens with its style text and chat template; this "
+                f"model takes at most {self.caption_limit} (shorten the prompt)"
+            )
 
     def _place(self, pipe: Any) -> str:
         """Move the weights to the device; when its memory runs out, fall back to model CPU
@@ -346,6 +374,21 @@ class _AttentionScope:
 def _check(deadline: float | None, steps_done: int) -> None:
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded(steps_done)
+
+
+#: tokens the pipeline encodes per caption (it cuts longer captions silently)
+MAX_CAPTION_TOKENS = 512
+#: the transformer pads captions to a multiple of this
+CAPTION_PAD_MULTIPLE = 32
+
+
+def _caption_limit(pipe: Any) -> int:
+    """The longest caption, in tokens, the loaded model takes whole: the pipeline's cut,
+    and the transformer's first positional axis, which holds the padded caption, then the
+    image (1 + padded caption + 1 positions must fit; 224 tokens on the miniature model)."""
+    axis = int(pipe.transformer.config.axes_lens[0])
+    fits = (axis - 2) // CAPTION_PAD_MULTIPLE * CAPTION_PAD_MULTIPLE
+    return min(MAX_CAPTION_TOKENS, fits)
 
 
 def _model_source(settings: EngineSettings) -> str:
