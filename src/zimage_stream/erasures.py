@@ -1,9 +1,11 @@
 """The worker's ``erase_text`` path, from a validated request to its result event.
 
-Read the source safely, ask the fast path (``dedup``: identical source bytes, languages,
-engine and model are erased once), erase the text off the event loop (the classical
-engine on its own thread, the diffusion engine on the engine thread, which owns the
-device) within the request's budget, store the cleaned image and settle the content key.
+Read the source's bytes safely, ask the fast path (``dedup``: identical source bytes,
+languages, engine and model are erased once), then decode and erase off the event loop
+(the classical engine on its own thread, the diffusion engine on the engine thread, which
+owns the device) within the request's budget and a bound on the pixels decoded at once,
+store the cleaned image and settle the content key. Nothing is decoded for a request that
+is answered from the cache or by identical work.
 The erasure itself is ``erase.TextEraser``'s; this module only connects it to the
 worker's storage, fast path and threads.
 """
@@ -11,8 +13,10 @@ worker's storage, fast path and threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,13 +26,44 @@ from .cache import CacheEntry, erase_content_key
 from .dedup import Answer, Dedup
 from .engine import ImageEngine
 from .engine.inpaint import DiffusionInpainter
-from .erase import EraseResult, TextEraser, classical_model, detector_for, read_source
+from .erase import (
+    EraseResult,
+    TextEraser,
+    classical_model,
+    decode_image,
+    detector_for,
+    fetch_source,
+    source_pixels,
+)
 from .errors import ZImageError, as_error
 from .schemas import EraseTextRequest, ResultEvent
 from .settings import OcrSettings
 from .storage import Storage
 
 log = structlog.get_logger(__name__)
+
+
+class PixelBudget:
+    """At most ``limit`` source pixels decoded at once; an image larger than the limit
+    waits until it is alone. Memory is bounded by pixels, not by how many records wait."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit, self._held = limit, 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self._held == 0 or self._held + pixels <= self._limit
+            )
+            self._held += pixels
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._held -= pixels
+                self._changed.notify_all()
 
 
 @dataclass(eq=False)
@@ -42,10 +77,15 @@ class Erasures:
     engine_thread: Executor  # owns the device: the diffusion engine runs there
     encode_pool: Executor
     image_format: str
+    pixels_in_flight: int
     _pool: ThreadPoolExecutor = field(
         init=False, default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="zimage-erase")
     )
     _eraser: TextEraser | None = field(init=False, default=None)
+    _pixels: PixelBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._pixels = PixelBudget(self.pixels_in_flight)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -83,13 +123,13 @@ class Erasures:
         """The erased image's entry and whether it was recalled (no erasure ran here)."""
         params = request.params
         loop = asyncio.get_running_loop()
-        source = await read_source(params.source, self.storage)
+        data = await fetch_source(params.source, self.storage)  # decoded only if computed
         eraser = await loop.run_in_executor(self._pool, self._text_eraser)
         engine = eraser.resolve(params.engine)
         model = (
             self.engine.model_info if engine == "diffusion" else classical_model(self.ocr.backend)
         )
-        source_sha = hashlib.sha256(source.data).hexdigest()
+        source_sha = hashlib.sha256(data).hexdigest()
         key = erase_content_key(source_sha, list(params.languages), engine, model)
         claim = await self.dedup.claim(request.request_id, key, forced, budget_s)
         if claim.answer is not None:
@@ -100,13 +140,15 @@ class Erasures:
         if claim.kind == "abandoned":
             return None
 
-        def erase() -> EraseResult:  # the budget runs from when the erasure starts
-            return eraser.erase(source, engine, params.languages, time.monotonic() + budget_s)
+        def erase() -> EraseResult:  # the budget runs from when the decoding starts
+            deadline = time.monotonic() + budget_s
+            return eraser.erase(decode_image(data), engine, params.languages, deadline)
 
         try:
             # The diffusion engine needs the model's device: it runs on the engine thread.
             pool = self.engine_thread if engine == "diffusion" else self._pool
-            erased = await loop.run_in_executor(pool, erase)
+            async with self._pixels.hold(source_pixels(data)):
+                erased = await loop.run_in_executor(pool, erase)
             images = await self.storage.put_images(
                 [erased.image], self.image_format, self.encode_pool
             )

@@ -131,6 +131,9 @@ class BatchSettings(_Section):
     window_ms: int = Field(default=50, ge=0, le=60_000, alias="batch_window_ms")
     max_batch_size: int = Field(default=8, ge=1, le=64)
     max_in_flight: int = Field(default=64, ge=1)
+    # Source pixels decoded at once for erase_text (a larger image waits to be alone):
+    # decoded images and their working copies are what erasure holds in memory.
+    erase_pixels_in_flight: int = Field(default=48_000_000, ge=1_000_000)
 
 
 class OcrSettings(_Section):

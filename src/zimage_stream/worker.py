@@ -103,6 +103,7 @@ class Worker:
             self._engine_thread,
             self._encode_pool,
             settings.storage.image_format,
+            settings.batch.erase_pixels_in_flight,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._finishing = asyncio.Semaphore(2)  # bounds decoded images held in memory

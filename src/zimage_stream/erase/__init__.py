@@ -9,7 +9,7 @@ inpainter is injected by the worker, so nothing here imports the engine.
 from .classical import classical_model
 from .eraser import EraseResult, Inpainter, TextEraser
 from .ocr import TextBox, TextDetector, detector_for, make_detector
-from .sources import SourceImage, decode_image, read_source
+from .sources import SourceImage, decode_image, fetch_source, read_source, source_pixels
 
 __all__ = [
     "EraseResult",
@@ -21,6 +21,8 @@ __all__ = [
     "classical_model",
     "decode_image",
     "detector_for",
+    "fetch_source",
     "make_detector",
     "read_source",
+    "source_pixels",
 ]

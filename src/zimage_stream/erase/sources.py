@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -47,13 +48,26 @@ class SourceImage:
         return np.asarray(self.image.convert("RGB"))
 
 
+async def fetch_source(source: ImageSource, storage: Storage) -> bytes:
+    """A source's bytes, not decoded yet, raising the contract's ``source_*`` errors."""
+    if source.base64 is not None:
+        return _decode_base64(source.base64)
+    assert source.uri is not None
+    return await _read_uri(source.uri, storage)
+
+
 async def read_source(source: ImageSource, storage: Storage) -> SourceImage:
     """Fetch and decode a source, raising the contract's ``source_*`` errors."""
-    data = _decode_base64(source.base64) if source.base64 is not None else None
-    if data is None:
-        assert source.uri is not None
-        data = await _read_uri(source.uri, storage)
-    return decode_image(data)
+    return decode_image(await fetch_source(source, storage))
+
+
+def source_pixels(data: bytes) -> int:
+    """How many pixels ``data`` decodes to, read from its header alone (cheap, so it can
+    be asked before decoding); the most a source may have when the header does not say
+    (decoding then raises the source's own error)."""
+    with contextlib.suppress(Exception), Image.open(io.BytesIO(data)) as image:
+        return min(image.width * image.height, MAX_SOURCE_PIXELS)
+    return MAX_SOURCE_PIXELS
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_SOURCE_PIXELS) -> SourceImage:
