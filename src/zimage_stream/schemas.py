@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -52,6 +53,13 @@ def _multiple_of_16(value: int) -> int:
     if value % 16:
         lower = value - value % 16
         raise ValueError(f"must be a multiple of 16 (got {value}; try {max(lower, 256)})")
+    return value
+
+
+def _an_integer(value: Any) -> Any:
+    # A JSON ``true`` or ``1.0`` would pass ``Literal[1]``: ``True == 1.0 == 1`` in Python.
+    if isinstance(value, bool | float):
+        raise ValueError(f"must be the integer {SCHEMA_VERSION} (got {json.dumps(value)})")
     return value
 
 
@@ -111,7 +119,7 @@ class EraseTextParams(_Strict):
 
 
 class _RequestBase(_Strict):
-    schema_version: Literal[1]
+    schema_version: Annotated[Literal[1], BeforeValidator(_an_integer)]
     request_id: RequestId
     timeout_s: Annotated[float, Field(ge=1, le=300)] | None = None
     submitted_at: datetime | None = None

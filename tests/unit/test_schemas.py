@@ -107,6 +107,13 @@ def test_unsupported_schema_version_keeps_the_request_id() -> None:
     assert error.error.code == "unsupported_schema_version" and error.request_id == "r-1"
 
 
+@pytest.mark.parametrize("version", [True, 1.0])
+def test_schema_version_must_be_the_integer_one(version: object) -> None:
+    error = _error(_raw(schema_version=version))
+    assert error.error.code == "invalid_request" and error.request_id == "r-1"
+    assert "schema_version" in error.error.message
+
+
 def test_bad_request_id_and_unknown_task() -> None:
     assert _error(_raw(request_id="has space")).request_id is None
     error = _error(_raw(task="upscale"))
