@@ -138,10 +138,25 @@ Route = Callable[[], tuple[int, str, bytes]]
 
 
 class HttpEndpoint:
-    """A minimal HTTP/1.1 server for GET routes (no framework: three routes, no body)."""
+    """A minimal HTTP/1.1 server for GET routes (no framework: three routes, no body).
 
-    def __init__(self, port: int, routes: dict[str, Route], host: str = "0.0.0.0") -> None:
+    It holds at most ``max_connections`` at a time and closes any beyond them at once, so
+    that idle or slow clients cannot take the worker's file handles; each read of a
+    request waits at most ``read_timeout_s``.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        routes: dict[str, Route],
+        host: str = "0.0.0.0",
+        *,
+        max_connections: int = 32,
+        read_timeout_s: float = 5.0,
+    ) -> None:
         self._port, self._host, self._routes = port, host, routes
+        self._max_connections, self._read_timeout_s = max_connections, read_timeout_s
+        self._connections = 0
         self._server: asyncio.Server | None = None
 
     @property
@@ -167,9 +182,20 @@ class HttpEndpoint:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._connections >= self._max_connections:
+            writer.close()
+            return
+        self._connections += 1
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout=5)
-            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b""):
+            await self._answer(reader, writer)
+        finally:
+            self._connections -= 1
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        timeout = self._read_timeout_s
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            while (await asyncio.wait_for(reader.readline(), timeout)) not in (b"\r\n", b""):
                 pass  # headers are not needed
             parts = line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else ""

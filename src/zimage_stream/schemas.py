@@ -19,12 +19,14 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
     model_validator,
 )
+from pydantic_core import from_json
 
 from .errors import (
     InvalidJsonError,
@@ -52,6 +54,13 @@ def _multiple_of_16(value: int) -> int:
     if value % 16:
         lower = value - value % 16
         raise ValueError(f"must be a multiple of 16 (got {value}; try {max(lower, 256)})")
+    return value
+
+
+def _an_integer(value: Any) -> Any:
+    # A JSON ``true`` or ``1.0`` would pass ``Literal[1]``: ``True == 1.0 == 1`` in Python.
+    if isinstance(value, bool | float):
+        raise ValueError(f"must be the integer {SCHEMA_VERSION} (got {json.dumps(value)})")
     return value
 
 
@@ -111,7 +120,7 @@ class EraseTextParams(_Strict):
 
 
 class _RequestBase(_Strict):
-    schema_version: Literal[1]
+    schema_version: Annotated[Literal[1], BeforeValidator(_an_integer)]
     request_id: RequestId
     timeout_s: Annotated[float, Field(ge=1, le=300)] | None = None
     submitted_at: datetime | None = None
@@ -285,15 +294,19 @@ class RequestParseError(Exception):
 
 
 def parse_request(raw: bytes | None, max_bytes: int) -> GenerateRequest | EraseTextRequest:
-    """Validate one message value; raise :class:`RequestParseError` when it is not a request."""
+    """Validate one message value; raise :class:`RequestParseError` when it is not a request,
+    and never anything else: one bad record must not stop its partition."""
     if raw is None:
         raise RequestParseError(InvalidJsonError("message has no value (a tombstone?)"), None, None)
     if len(raw) > max_bytes:
         too_large = InvalidRequestError(f"message is {len(raw)} bytes; the limit is {max_bytes}")
         raise RequestParseError(too_large, None, None)
+    # The parser pydantic validates with (jiter), so that what it reads here is what it
+    # validates below: strict UTF-8 with no byte-order mark or lone surrogate, bounded
+    # nesting and bounded integers, each refused with a ValueError rather than a crash.
     try:
-        document = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        document = from_json(raw)
+    except ValueError as exc:
         raise RequestParseError(InvalidJsonError(f"not UTF-8 JSON: {exc}"), None, None) from None
     if not isinstance(document, dict):
         error = InvalidJsonError(f"expected a JSON object, got {type(document).__name__}")
@@ -309,6 +322,9 @@ def parse_request(raw: bytes | None, max_bytes: int) -> GenerateRequest | EraseT
         return _REQUEST_ADAPTER.validate_json(raw)
     except ValidationError as exc:
         raise RequestParseError(InvalidRequestError(describe(exc)), request_id, task) from None
+    except Exception as exc:  # a validator's own failure is still this message's refusal
+        error_r = InvalidRequestError(f"could not be validated: {exc!r}")
+        raise RequestParseError(error_r, request_id, task) from None
 
 
 def _readable_identity(document: dict[str, Any]) -> tuple[str | None, str | None]:

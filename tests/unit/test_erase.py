@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import errno
 import inspect
+import os
 import re
 import sys
 import time
@@ -247,6 +249,50 @@ async def test_uri_sources_stay_inside_the_storage_root(tmp_path: Path) -> None:
     assert await _read_error(bad_b64, storage) == "source_unreadable"
     good_b64 = ImageSource(base64=base64.b64encode(inside.read_bytes()).decode())
     assert (await read_source(good_b64, storage)).image.size == (64, 64)
+
+
+async def test_file_sources_that_name_no_readable_file_are_the_requests_fault(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    storage = Storage.from_settings(StorageSettings(url=str(root)))
+    (root / "loop").symlink_to(root / "loop")
+    (root / "folder").mkdir()
+    uris = {
+        f"{root.as_uri()}/a%00b.png": "source_not_found",  # an embedded NUL
+        f"{root.as_uri()}/{'x' * 300}.png": "source_not_found",  # a name too long
+        f"{root.as_uri()}/{'x' * 300}/a.png": "source_not_found",
+        f"{root.as_uri()}/loop": "source_unreadable",  # a symlink loop
+        f"{root.as_uri()}/loop/a.png": "source_unreadable",
+        f"{root.as_uri()}/folder": "source_not_found",
+        "file://[/a.png": "source_unreadable",  # not a URI at all
+        f"{tmp_path.as_uri()}/secret.png": "source_forbidden",
+    }
+    for uri, code in uris.items():
+        with pytest.raises(ZImageError) as info:
+            await read_source(ImageSource(uri=uri), storage)
+        assert (info.value.code, info.value.status) == (code, "rejected"), uri
+        assert str(tmp_path) not in info.value.message, "the message names the storage root"
+
+
+@pytest.mark.parametrize(
+    ("errno_", "code", "retriable"),
+    [(errno.EACCES, "source_forbidden", False), (errno.EMFILE, "storage_unavailable", True)],
+)
+async def test_file_source_read_errors_say_whose_fault_they_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int, code: str, retriable: bool
+) -> None:
+    storage = Storage.from_settings(StorageSettings(url=str(tmp_path)))
+    (tmp_path / "a.png").write_bytes(png_bytes(product_scene(64, 64)))
+
+    def failing(self: Path) -> bytes:
+        raise OSError(errno_, os.strerror(errno_), str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    with pytest.raises(ZImageError) as info:
+        await read_source(ImageSource(uri=(tmp_path / "a.png").as_uri()), storage)
+    assert (info.value.code, info.value.retriable) == (code, retriable)
+    assert str(tmp_path) not in info.value.message
 
 
 def test_diffusion_engine_runs_end_to_end_on_the_miniature_model(

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from zimage_stream import schemas
 from zimage_stream.errors import ERROR_CODES
 from zimage_stream.schemas import (
     EraseTextRequest,
@@ -105,6 +106,55 @@ def test_invalid_params_are_rejected_with_a_fix(params: dict, fragment: str) -> 
 def test_unsupported_schema_version_keeps_the_request_id() -> None:
     error = _error(_raw(schema_version=2))
     assert error.error.code == "unsupported_schema_version" and error.request_id == "r-1"
+
+
+@pytest.mark.parametrize("version", [True, 1.0])
+def test_schema_version_must_be_the_integer_one(version: object) -> None:
+    error = _error(_raw(schema_version=version))
+    assert error.error.code == "invalid_request" and error.request_id == "r-1"
+    assert "schema_version" in error.error.message
+
+
+_DOCUMENT = _raw(params={"prompt": "a mug", "seed": 0})
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"9" * 5000,  # past Python's int-string conversion limit
+        _DOCUMENT.replace(b'"seed": 0', b'"seed": ' + b"9" * 5000),
+        b"[" * 50_000 + b"]" * 50_000,  # past Python's recursion limit
+        _DOCUMENT.replace(b'"seed": 0', b'"seed": ' + b"[" * 500 + b"]" * 500),
+        b"\xef\xbb\xbf" + _DOCUMENT,  # a UTF-8 byte-order mark
+        _DOCUMENT.replace(b'"a mug"', b'"\\ud800"'),  # an escaped lone surrogate
+        _DOCUMENT.replace(b'"a mug"', b'"\xed\xa0\x80"'),  # an encoded one: not UTF-8
+        _DOCUMENT.decode().encode("utf-16"),
+    ],
+    ids=[
+        "huge-int",
+        "huge-int-in-params",
+        "deep",
+        "deep-in-params",
+        "bom",
+        "surrogate",
+        "surrogate-bytes",
+        "utf-16",
+    ],
+)
+def test_json_the_parser_cannot_read_is_invalid_json(raw: bytes) -> None:
+    assert _error(raw).error.code == "invalid_json"
+
+
+def test_a_validator_that_fails_otherwise_is_still_a_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Failing:
+        def validate_json(self, raw: bytes) -> None:
+            raise RecursionError("a validator went too deep")
+
+    monkeypatch.setattr(schemas, "_REQUEST_ADAPTER", Failing())
+    error = _error(_raw())
+    assert error.error.code == "invalid_request" and error.request_id == "r-1"
 
 
 def test_bad_request_id_and_unknown_task() -> None:

@@ -13,7 +13,10 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +30,18 @@ from ..errors import (
     SourceNotFoundError,
     SourceTooLargeError,
     SourceUnreadableError,
+    StorageUnavailableError,
+    ZImageError,
 )
 from ..schemas import ImageSource
 from ..storage import Storage
 
 MAX_SOURCE_BYTES = 10 * 1024 * 1024
 MAX_SOURCE_PIXELS = 40_000_000  # about 6300 x 6300
+#: why a path names no file: the request's fault, answered ``source_not_found``
+_NO_SUCH_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EISDIR})
+#: the worker's own trouble (out of file handles, memory, a failing disk): retriable
+_WORKER_TROUBLE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO})
 
 
 @dataclass(frozen=True)
@@ -113,10 +122,14 @@ def _decode_base64(text: str) -> bytes:
 
 
 async def _read_uri(uri: str, storage: Storage) -> bytes:
-    parsed = urlparse(uri)
+    try:
+        parsed = urlparse(uri)
+    except ValueError as exc:
+        raise SourceUnreadableError(f"source uri is not a valid URI: {exc}") from None
     if parsed.scheme == "file":
-        path = _check_under_root(Path(unquote(parsed.path)), storage.root)
-        return await asyncio.to_thread(_read_file, path)
+        if storage.root is None:
+            raise SourceForbiddenError("file:// sources need file storage (ZIMAGE_STORAGE_URL)")
+        return await asyncio.to_thread(_read_file, Path(unquote(parsed.path)), storage.root)
     if parsed.scheme != "s3":
         raise SourceForbiddenError(
             f"source uri scheme {parsed.scheme or '(none)'!r} is not allowed; use s3:// or "
@@ -132,19 +145,44 @@ async def _read_uri(uri: str, storage: Storage) -> bytes:
         raise SourceNotFoundError(f"{uri} does not exist") from None
 
 
-def _read_file(path: Path) -> bytes:
-    size = path.stat().st_size
-    if size > MAX_SOURCE_BYTES:
-        raise SourceTooLargeError(f"source is {size} bytes; the limit is {MAX_SOURCE_BYTES}")
-    return path.read_bytes()
+def _read_file(path: Path, root: Path) -> bytes:
+    """The bytes of a file under ``root``. Every way the path can fail to name a readable
+    file is a ``source_*`` error, and no message names the root itself."""
+    shown = _relative(path, root)
+    try:
+        # realpath follows symlinks (a link out of the root is refused too) and, unlike
+        # Path.resolve on Python 3.11, leaves a symlink loop to fail below as ELOOP.
+        resolved = Path(os.path.realpath(path))
+        if not resolved.is_relative_to(os.path.realpath(root)):
+            raise SourceForbiddenError(f"{shown} is outside the storage root")
+        info = resolved.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise SourceNotFoundError(f"{shown} is not a file")
+        if info.st_size > MAX_SOURCE_BYTES:
+            size = info.st_size
+            raise SourceTooLargeError(f"source is {size} bytes; the limit is {MAX_SOURCE_BYTES}")
+        return resolved.read_bytes()
+    except (OSError, ValueError) as exc:
+        raise _file_error(exc, shown) from None
 
 
-def _check_under_root(path: Path, root: Path | None) -> Path:
-    if root is None:
-        raise SourceForbiddenError("file:// sources need file storage (ZIMAGE_STORAGE_URL)")
-    resolved = path.resolve()  # follows symlinks: a link out of the root is refused too
-    if not resolved.is_relative_to(root.resolve()):
-        raise SourceForbiddenError(f"{path} is outside the storage root {root}")
-    if not resolved.is_file():
-        raise SourceNotFoundError(f"{path} does not exist")
-    return resolved
+def _file_error(exc: OSError | ValueError, shown: str) -> ZImageError:
+    if not isinstance(exc, OSError):  # an embedded NUL: no file has such a name
+        return SourceNotFoundError(f"{shown} names no file: {exc}")
+    reason = exc.strerror or type(exc).__name__  # not str(exc): it holds the absolute path
+    if exc.errno in _NO_SUCH_FILE:
+        return SourceNotFoundError(f"{shown} does not exist ({reason})")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return SourceForbiddenError(f"{shown} may not be read ({reason})")
+    if exc.errno in _WORKER_TROUBLE:
+        return StorageUnavailableError(f"{shown} could not be read here: {reason}")
+    return SourceUnreadableError(f"{shown} cannot be read ({reason})")
+
+
+def _relative(path: Path, root: Path) -> str:
+    """How a message names a source path: relative to the root, never with the root, and
+    quoted so that a control character in it (a NUL) shows as an escape."""
+    try:
+        return repr(str(path.relative_to(root)))
+    except ValueError:
+        return "the source path"
