@@ -217,6 +217,9 @@ class Worker:
                 self._admit(delivery)
 
     def _admit(self, delivery: Delivery) -> None:
+        if delivery.error is not None:  # a record aiokafka could not decode
+            self._spawn(self._reject(delivery, delivery.error))
+            return
         try:
             request = parse_request(delivery.record.value, self._settings.kafka.max_message_bytes)
         except RequestParseError as exc:
