@@ -3,6 +3,11 @@
 The commit loop lives here, in one home, as quix-streams' ``Checkpoint`` does it: when
 answers come in, the producer is flushed first and then every partition is committed up
 to its lowest unanswered offset. Bursts of answers coalesce into one commit.
+
+A record aiokafka cannot decode (a header name that is not UTF-8) makes ``getmany`` raise,
+and without care every worker that takes the partition would stop at it. ``fetch`` then
+reads past it and delivers it as a :class:`Delivery` with an ``error``, for the worker to
+dead-letter.
 """
 
 from __future__ import annotations
@@ -15,14 +20,25 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    CorruptRecordException,
+    IllegalStateError,
+    KafkaError,
+)
 from aiokafka.structs import ConsumerRecord
 
 from .kafka_security import security_options
 from .offsets import OffsetTracker
+from .raw_records import read_undecodable
+from .schemas import RequestParseError
 from .settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
+
+#: what aiokafka raises out of ``getmany`` at a record it cannot decode: a header name that
+#: is not UTF-8, a batch that fails its checksum. Fetched again, such a record fails again.
+UNDECODABLE = (UnicodeDecodeError, CorruptRecordException)
 
 
 @dataclass(eq=False)
@@ -31,6 +47,10 @@ class Delivery:
 
     record: ConsumerRecord[bytes, bytes]
     tracker: OffsetTracker
+    #: set when aiokafka could not decode the record: ``record`` then holds what could be
+    #: read of it (its position always; key, value and UTF-8-named headers when its raw
+    #: bytes could be read), and the worker dead-letters it
+    error: RequestParseError | None = None
 
     @property
     def source(self) -> tuple[str, int, int]:
@@ -82,7 +102,7 @@ class RequestConsumer:
             group_id=s.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_partition_fetch_bytes=s.max_message_bytes + 64 * 1024,
+            max_partition_fetch_bytes=self._partition_fetch_bytes,
             fetch_max_bytes=max(52_428_800, s.max_message_bytes * 2),
             fetch_max_wait_ms=s.fetch_max_wait_ms,
             session_timeout_ms=s.session_timeout_ms,
@@ -118,6 +138,11 @@ class RequestConsumer:
         await self.stop()
 
     @property
+    def _partition_fetch_bytes(self) -> int:
+        """The most bytes one fetch reads of a partition: room for the largest record."""
+        return self._settings.max_message_bytes + 64 * 1024
+
+    @property
     def in_flight(self) -> int:
         """Records read and not yet answered, over all assigned partitions."""
         return sum(len(t) for t in self._trackers.values())
@@ -138,22 +163,89 @@ class RequestConsumer:
         fetching resumes once half of them are answered; paused, the member still polls,
         so it stays in its group however long the answers take."""
         consumer = self._require()
-        batches = await consumer.getmany(
-            timeout_ms=timeout_ms, max_records=max(1, max_in_flight - self.in_flight)
-        )
-        deliveries = []
-        for tp, records in batches.items():
-            tracker = self._trackers.get(tp)
-            if tracker is None:  # revoked between the fetch and now
-                continue
-            for record in records:
-                tracker.track(record.offset)
-                deliveries.append(Delivery(record, tracker))
+        max_records = max(1, max_in_flight - self.in_flight)
+        try:
+            batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except UNDECODABLE as exc:
+            log.warning("undecodable_record_fetched", error=repr(exc))
+            deliveries = await self._fetch_singly(consumer, timeout_ms, max_records)
+        else:
+            deliveries = []
+            for tp, records in batches.items():
+                tracker = self._trackers.get(tp)
+                if tracker is None:  # revoked between the fetch and now
+                    continue
+                for record in records:
+                    tracker.track(record.offset)
+                    deliveries.append(Delivery(record, tracker))
         if self.in_flight >= max_in_flight:
             self.pause()
         elif self.in_flight <= max_in_flight // 2:
             self.resume()
         return deliveries
+
+    async def _fetch_singly(
+        self, consumer: AIOKafkaConsumer, timeout_ms: int, max_records: int
+    ) -> list[Delivery]:
+        """Read past a record that made ``getmany`` raise.
+
+        The failed ``getmany`` returned nothing, yet may have moved other partitions past
+        records it had read, so first every partition goes back to just after its last
+        delivered record. Then each is read one record at a time, so that a failure leaves
+        the partition's position at the failing record: that record is delivered with its
+        error, and the partition moves on past it.
+        """
+        await self._rewind(consumer)
+        # After a seek the partition waits for a fetch of its own; one already in flight
+        # may hold the broker's full wait.
+        wait_ms = timeout_ms + self._settings.fetch_max_wait_ms
+        deliveries: list[Delivery] = []
+        for tp in sorted(consumer.assignment()):
+            tracker = self._trackers.get(tp)
+            while tracker is not None and len(deliveries) < max_records:
+                try:
+                    batch = await consumer.getmany(tp, timeout_ms=wait_ms, max_records=1)
+                except UNDECODABLE as exc:
+                    deliveries.append(await self._skip_undecodable(consumer, tp, tracker, exc))
+                    break
+                if not batch:
+                    break
+                for record in batch.get(tp, []):
+                    tracker.track(record.offset)
+                    deliveries.append(Delivery(record, tracker))
+        return deliveries
+
+    async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
+        """Every partition back to the offset after its last delivered record, or where
+        its reading began when none was delivered: the committed offset, else the start
+        (``auto_offset_reset`` is ``earliest``)."""
+        for tp, tracker in list(self._trackers.items()):
+            offset = tracker.next_offset()
+            if offset is None:
+                offset = await consumer.committed(tp)
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+                if offset is None:
+                    await consumer.seek_to_beginning(tp)
+                else:
+                    consumer.seek(tp, offset)
+
+    async def _skip_undecodable(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        tracker: OffsetTracker,
+        exc: Exception,
+    ) -> Delivery:
+        """The record at the partition's position, which aiokafka cannot decode, as a
+        delivery with its error; the partition's position moves past it."""
+        offset = await consumer.position(tp)
+        consumer.seek(tp, offset + 1)
+        tracker.track(offset)
+        log.warning("undecodable_record", partition=tp.partition, offset=offset, error=repr(exc))
+        record, error = await read_undecodable(
+            consumer, tp, offset, exc, self._partition_fetch_bytes, self._settings.max_message_bytes
+        )
+        return Delivery(record, tracker, error)
 
     def done(self, delivery: Delivery) -> None:
         """The record's answer is acknowledged: its offset may be committed."""

@@ -41,6 +41,10 @@ class OffsetTracker:
             heapq.heappop(self._heap)
         return self._heap[0] if self._heap else self._highest_seen + 1
 
+    def next_offset(self) -> int | None:
+        """The offset after the highest one tracked; None before the first."""
+        return self._highest_seen + 1 if self._highest_seen >= 0 else None
+
     def committable(self) -> int | None:
         """The offset to commit (the next one to read after a restart), or None if nothing new."""
         position = self.position()

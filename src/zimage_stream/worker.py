@@ -223,6 +223,9 @@ class Worker:
                 self._admit(delivery)
 
     def _admit(self, delivery: Delivery) -> None:
+        if delivery.error is not None:  # a record aiokafka could not decode
+            self._spawn(self._reject(delivery, delivery.error))
+            return
         try:
             request = parse_request(delivery.record.value, self._settings.kafka.max_message_bytes)
             if isinstance(request, GenerateRequest):

@@ -28,6 +28,7 @@ FLOORS: list[set[str]] = [
         "cache",
         "dedup",
         "consumer",
+        "raw_records",
         "producer",
         "client",
         "topics",

@@ -36,3 +36,13 @@ def test_offsets_must_increase() -> None:
     tracker.track(3)
     with pytest.raises(ValueError):
         tracker.track(3)
+
+
+def test_next_offset_follows_the_highest_tracked_answered_or_not() -> None:
+    tracker = OffsetTracker()
+    assert tracker.next_offset() is None
+    tracker.track(4)
+    tracker.track(6)  # a gap: offset 5 was skipped
+    assert tracker.next_offset() == 7
+    tracker.done(6)
+    assert tracker.next_offset() == 7
