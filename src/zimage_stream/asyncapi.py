@@ -61,6 +61,13 @@ def asyncapi_document(settings: KafkaSettings | None = None) -> dict[str, Any]:
             "source.topic": {"type": "string"},
             "source.partition": {"type": "string"},
             "source.offset": {"type": "string"},
+            "value.truncated": {
+                "type": "string",
+                "description": (
+                    "present when the record was larger than ZIMAGE_MAX_MESSAGE_BYTES: the "
+                    "copy holds its first bytes and this header its original length"
+                ),
+            },
         },
     }
     return {

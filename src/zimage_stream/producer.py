@@ -22,6 +22,11 @@ log = structlog.get_logger(__name__)
 #: unreachable, a leader is moving) is tried again before it is given up: long enough that
 #: a broker restart or a short outage loses nothing
 SEND_BUDGET_S = 600.0
+#: the DLQ header that marks a copy cut to ``max_message_bytes``: the original's length
+TRUNCATED_HEADER = "value.truncated"
+#: a dead letter keeps the original's headers up to this many bytes (the producer's
+#: request limit leaves 64 KiB above ``max_message_bytes``)
+HEADERS_KEPT_BYTES = 32 * 1024
 
 
 class ResultProducer:
@@ -98,8 +103,19 @@ class ResultProducer:
         headers: list[tuple[str, bytes]] | None = None,
     ) -> bool:
         """Send the original bytes, unchanged, to the DLQ with the reason in headers; False
-        when it was given up."""
+        when it was given up.
+
+        A record larger than ``max_message_bytes`` (the broker accepted it, and the worker
+        refused it for its size) is cut to that size, with its original length in the
+        ``value.truncated`` header: a copy the producer cannot send would leave nothing in
+        the DLQ, while the source headers still point at the whole record.
+        """
         topic, partition, offset = source
+        truncated: list[tuple[str, bytes]] = []
+        limit = self._settings.max_message_bytes
+        if value is not None and len(value) > limit:
+            truncated = [(TRUNCATED_HEADER, str(len(value)).encode())]
+            value = value[:limit]
         reason = [
             ("error.code", code.encode()),
             ("error.message", message[:1000].encode()),
@@ -107,8 +123,11 @@ class ResultProducer:
             ("source.partition", str(partition).encode()),
             ("source.offset", str(offset).encode()),
         ]
+        reason += truncated
         reserved = {name for name, _ in reason}
         kept = [(k, v) for k, v in headers or [] if k not in reserved]
+        if sum(len(k) + len(v) for k, v in kept) > HEADERS_KEPT_BYTES:
+            kept = []  # the source record still has them
         if not await self._deliver(
             "dead_letter", self._settings.dlq_topic, key, value, kept + reason
         ):

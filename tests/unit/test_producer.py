@@ -11,7 +11,7 @@ from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from structlog.testing import capture_logs
 
 from zimage_stream.errors import InvalidJsonError
-from zimage_stream.producer import ResultProducer
+from zimage_stream.producer import TRUNCATED_HEADER, ResultProducer
 from zimage_stream.schemas import ModelInfo, ResultEvent
 from zimage_stream.settings import KafkaSettings
 
@@ -68,3 +68,27 @@ async def test_a_passing_failure_is_given_up_when_its_budget_is_spent() -> None:
     assert not await producer.publish_result(_result(), None)
     assert broker.calls > 1 and time.monotonic() - started <= 1.0
     assert producer.undelivered == {"result": 1}
+
+
+async def test_a_record_larger_than_the_worker_takes_is_dead_lettered_cut_and_marked() -> None:
+    broker = _Broker(KafkaConnectionError("unused"), failures=0)
+    producer = ResultProducer(KafkaSettings(max_message_bytes=1024), send_budget_s=1)
+    producer._producer = broker  # type: ignore[assignment]
+    original = b"[" * 5000
+    delivered = await producer.dead_letter(
+        original, b"k", ("req", 2, 9), "invalid_request", "too large", [("trace", b"t")]
+    )
+    assert delivered
+    (sent,) = broker.sent
+    assert sent["value"] == original[:1024]
+    headers = dict(sent["headers"])
+    assert headers[TRUNCATED_HEADER] == b"5000"
+    assert headers["source.offset"] == b"9" and headers["trace"] == b"t"
+
+
+async def test_a_record_within_the_limit_is_dead_lettered_unchanged() -> None:
+    broker = _Broker(KafkaConnectionError("unused"), failures=0)
+    producer = _producer(broker, budget_s=1)
+    assert await producer.dead_letter(b"{", b"k", ("req", 0, 1), "invalid_json", "m")
+    (sent,) = broker.sent
+    assert sent["value"] == b"{" and TRUNCATED_HEADER not in dict(sent["headers"])
