@@ -61,6 +61,13 @@ def asyncapi_document(settings: KafkaSettings | None = None) -> dict[str, Any]:
             "source.topic": {"type": "string"},
             "source.partition": {"type": "string"},
             "source.offset": {"type": "string"},
+            "attempts": {
+                "type": "string",
+                "description": (
+                    "poison_request only: how many times the engine (or the worker) died "
+                    "with the request inside"
+                ),
+            },
             "value.truncated": {
                 "type": "string",
                 "description": (

@@ -1,13 +1,13 @@
 """The worker's ``erase_text`` path, from a validated request to its result event.
 
 Read the source's bytes safely, ask the fast path (``dedup``: identical source bytes,
-languages, engine and model are erased once), then decode and erase off the event loop
-(the classical engine on its own thread, the diffusion engine on the engine thread, which
-owns the device) within the request's budget and a bound on the pixels decoded at once,
-store the cleaned image and settle the content key. Nothing is decoded for a request that
-is answered from the cache or by identical work.
-The erasure itself is ``erase.TextEraser``'s; this module only connects it to the
-worker's storage, fast path and threads.
+languages, engine and model are erased once), then hand the bytes to the engine process,
+which decodes and erases them (the classical engine on its own thread there, the
+diffusion engine on the thread that owns the device) within the request's budget, while
+this process bounds the source pixels in flight. The cleaned image comes back encoded;
+it is stored and the content key settled. Nothing is decoded or sent for a request that
+is answered from the cache or by identical work. A source that kills or hangs the engine
+is handled like any request that does (``suspects``).
 """
 
 from __future__ import annotations
@@ -17,28 +17,21 @@ import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
 
 from .cache import CacheEntry, erase_content_key
+from .consumer import Delivery
 from .dedup import Answer, Dedup
-from .engine import ImageEngine
-from .engine.inpaint import DiffusionInpainter
-from .erase import (
-    EraseResult,
-    TextEraser,
-    classical_model,
-    decode_image,
-    detector_for,
-    fetch_source,
-    source_pixels,
-)
+from .engine.calls import Erased
+from .engine_process import EngineProcess
+from .erase import classical_model, fetch_source, source_pixels
 from .errors import ZImageError, as_error
-from .schemas import EraseTextRequest, ResultEvent
+from .schemas import EraseTextRequest, ModelInfo, ResultEvent
 from .settings import OcrSettings
 from .storage import Storage
+from .suspects import Suspects
 
 log = structlog.get_logger(__name__)
 
@@ -68,37 +61,29 @@ class PixelBudget:
 
 @dataclass(eq=False)
 class Erasures:
-    """Answers ``erase_text`` requests with the worker's parts; ``close`` when it stops."""
+    """Answers ``erase_text`` requests with the worker's parts."""
 
-    engine: ImageEngine
+    engine: EngineProcess
     storage: Storage
     dedup: Dedup
+    suspects: Suspects
     ocr: OcrSettings
-    engine_thread: Executor  # owns the device: the diffusion engine runs there
-    encode_pool: Executor
     image_format: str
     pixels_in_flight: int
-    _pool: ThreadPoolExecutor = field(
-        init=False, default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="zimage-erase")
-    )
-    _eraser: TextEraser | None = field(init=False, default=None)
     _pixels: PixelBudget = field(init=False)
 
     def __post_init__(self) -> None:
         self._pixels = PixelBudget(self.pixels_in_flight)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
     async def answer(
-        self, request: EraseTextRequest, arrived_at: float, budget_s: float, forced: bool
+        self, delivery: Delivery, request: EraseTextRequest, budget_s: float, forced: bool
     ) -> ResultEvent | None:
         """The request's result event, or None when the worker stopped while it waited for
         identical work (it stays uncommitted and is read again by the next owner)."""
         started_wall, started = time.time(), time.perf_counter()
         entry, error, cache_hit = None, None, False
         try:
-            answered = await self._erase_or_recall(request, budget_s, forced)
+            answered = await self._erase_or_recall(delivery, request, budget_s, forced)
             if answered is None:
                 return None
             entry, cache_hit = answered
@@ -109,7 +94,7 @@ class Erasures:
             request.task,
             error,
             model=entry.model if entry else self.engine.model_info,
-            arrived_at=arrived_at,
+            arrived_at=request.arrived_at(delivery.record.timestamp),
             images=entry.images if entry else None,
             text_regions=entry.text_regions if entry else None,
             cache_hit=cache_hit,
@@ -117,18 +102,22 @@ class Erasures:
             inference_s=0.0 if cache_hit else time.perf_counter() - started,
         )
 
+    def resolve(self, engine: str) -> tuple[str, ModelInfo]:
+        """The engine that ``engine`` means here and what produces its images: ``auto`` is
+        the diffusion engine on a GPU and the classical one on a CPU."""
+        if engine == "auto":
+            engine = "classical" if self.engine.report.device == "cpu" else "diffusion"
+        if engine == "diffusion":
+            return engine, self.engine.model_info
+        return engine, classical_model(self.ocr.backend)
+
     async def _erase_or_recall(
-        self, request: EraseTextRequest, budget_s: float, forced: bool
+        self, delivery: Delivery, request: EraseTextRequest, budget_s: float, forced: bool
     ) -> tuple[CacheEntry, bool] | None:
         """The erased image's entry and whether it was recalled (no erasure ran here)."""
         params = request.params
-        loop = asyncio.get_running_loop()
         data = await fetch_source(params.source, self.storage)  # decoded only if computed
-        eraser = await loop.run_in_executor(self._pool, self._text_eraser)
-        engine = eraser.resolve(params.engine)
-        model = (
-            self.engine.model_info if engine == "diffusion" else classical_model(self.ocr.backend)
-        )
+        engine, model = self.resolve(params.engine)
         source_sha = hashlib.sha256(data).hexdigest()
         key = erase_content_key(source_sha, list(params.languages), engine, model)
         claim = await self.dedup.claim(request.request_id, key, forced, budget_s)
@@ -140,18 +129,18 @@ class Erasures:
         if claim.kind == "abandoned":
             return None
 
-        def erase() -> EraseResult:  # the budget runs from when the decoding starts
-            deadline = time.monotonic() + budget_s
-            return eraser.erase(decode_image(data), engine, params.languages, deadline)
+        async def erase(_: list[int]) -> list[Erased]:
+            call = self.engine.erase(
+                data, engine, list(params.languages), budget_s, self.image_format
+            )
+            return [await call]
 
         try:
-            # The diffusion engine needs the model's device: it runs on the engine thread.
-            pool = self.engine_thread if engine == "diffusion" else self._pool
             async with self._pixels.hold(source_pixels(data)):
-                erased = await loop.run_in_executor(pool, erase)
-            images = await self.storage.put_images(
-                [erased.image], self.image_format, self.encode_pool
-            )
+                (erased,) = await self.suspects.run([delivery], [budget_s], erase)
+            if isinstance(erased, ZImageError):
+                raise erased
+            images = await self.storage.put_encoded([erased.image], self.image_format)
         except asyncio.CancelledError:
             await self.dedup.abandon(key)
             raise
@@ -159,20 +148,9 @@ class Erasures:
             error = _logged(exc)
             await self.dedup.settle(key, request.request_id, Answer(error=error))
             raise error from None
-        regions = [box.as_region() for box in erased.regions]
-        entry = CacheEntry(content_key=key, images=images, text_regions=regions, model=model)
+        entry = CacheEntry(content_key=key, images=images, text_regions=erased.regions, model=model)
         await self.dedup.settle(key, request.request_id, Answer(entry))
         return entry, False
-
-    def _text_eraser(self) -> TextEraser:
-        # Built on first use, off the loop: the OCR models load in a fraction of a second.
-        if self._eraser is None:
-            self._eraser = TextEraser(
-                detector_for(self.ocr),
-                diffusion=DiffusionInpainter(self.engine),
-                prefer_diffusion=self.engine.report.device != "cpu",
-            )
-        return self._eraser
 
 
 def _logged(exc: Exception) -> ZImageError:

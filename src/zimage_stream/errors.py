@@ -86,6 +86,17 @@ class InternalError(ZImageError):
     retriable = True
 
 
+class PoisonRequestError(ZImageError):
+    """The request was inside the engine when it (or the worker) died as many times as the
+    worker allows: it is dead-lettered and not run again."""
+
+    code = "poison_request"
+
+    def __init__(self, message: str, attempts: int = 0) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
 _BY_CODE: dict[str, type[ZImageError]] = {
     cls.code: cls
     for cls in (
@@ -101,6 +112,7 @@ _BY_CODE: dict[str, type[ZImageError]] = {
         ModelUnavailableError,
         StorageUnavailableError,
         InternalError,
+        PoisonRequestError,
     )
 }
 

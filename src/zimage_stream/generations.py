@@ -7,13 +7,13 @@ work it waited for) gets its result from that answer.
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from .cache import CacheEntry, content_key
 from .consumer import Delivery
 from .dedup import Answer, Dedup
-from .engine import BatchShape, GenerateJob, ImageEngine, JobOutcome
+from .engine import BatchShape, GenerateJob, JobResult
+from .engine_process import EngineProcess
 from .errors import as_error
 from .schemas import GenerateRequest, ModelInfo, Provenance, ResultEvent
 from .storage import Storage
@@ -63,21 +63,18 @@ class Pending:
 class Generations:
     """Turns generate outcomes and answers into result events, with the worker's parts."""
 
-    engine: ImageEngine
+    engine: EngineProcess
     storage: Storage
     dedup: Dedup
-    encode_pool: Executor
     image_format: str
 
-    async def answer(self, pending: Pending, outcome: JobOutcome, started_at: float) -> ResultEvent:
+    async def answer(self, pending: Pending, outcome: JobResult, started_at: float) -> ResultEvent:
         """The result of a batch item: its images stored and settled, or its error."""
         request, model = pending.request, self.engine.model_info
         error, refs = outcome.error, []
         if outcome.images is not None:
             try:
-                refs = await self.storage.put_images(
-                    outcome.images, self.image_format, self.encode_pool
-                )
+                refs = await self.storage.put_encoded(outcome.images, self.image_format)
             except Exception as exc:
                 error = as_error(exc, "storing the images")
         entry = (

@@ -41,6 +41,7 @@ class WorkerState(Protocol):
     def consumer_lag(self) -> dict[int, int]: ...
     def in_flight(self) -> int: ...
     def undelivered(self) -> dict[str, int]: ...
+    def engine_restarts(self) -> dict[str, int]: ...
 
 
 class WorkerMetrics:
@@ -132,6 +133,14 @@ class _StateCollector(Collector):
         for kind in ("result", "dead_letter"):
             undelivered.add_metric([kind], state.undelivered().get(kind, 0))
         yield undelivered
+        restarts = CounterMetricFamily(
+            "zimage_engine_restarts",
+            "Engine processes started again: it crashed, or was killed for hanging",
+            labels=["reason"],
+        )
+        for reason in ("crashed", "hung"):
+            restarts.add_metric([reason], state.engine_restarts().get(reason, 0))
+        yield restarts
 
 
 Route = Callable[[], tuple[int, str, bytes]]

@@ -101,9 +101,10 @@ class ResultProducer:
         code: str,
         message: str,
         headers: list[tuple[str, bytes]] | None = None,
+        attempts: int | None = None,
     ) -> bool:
         """Send the original bytes, unchanged, to the DLQ with the reason in headers; False
-        when it was given up.
+        when it was given up. ``attempts``: how many times it was tried (a poison request).
 
         A record larger than ``max_message_bytes`` (the broker accepted it, and the worker
         refused it for its size) is cut to that size, with its original length in the
@@ -124,6 +125,8 @@ class ResultProducer:
             ("source.offset", str(offset).encode()),
         ]
         reason += truncated
+        if attempts is not None:
+            reason.append(("attempts", str(attempts).encode()))
         reserved = {name for name, _ in reason}
         kept = [(k, v) for k, v in headers or [] if k not in reserved]
         if sum(len(k) + len(v) for k, v in kept) > HEADERS_KEPT_BYTES:

@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_core import from_json
 
 from .errors import (
+    ERROR_CODES,
     InvalidJsonError,
     InvalidRequestError,
     UnsupportedSchemaVersionError,
@@ -174,7 +175,8 @@ class TextRegion(BaseModel):
 class ErrorInfo(BaseModel):
     """Why a request did not succeed."""
 
-    code: str
+    #: one of the contract's codes (a reader should still take a code it does not know)
+    code: str = Field(json_schema_extra={"enum": list(ERROR_CODES)})
     message: str
     retriable: bool
 

@@ -123,6 +123,21 @@ class EngineSettings(_Section):
     inference_timeout_s: float = Field(default=30.0, gt=0, le=300)
     # Local folder where `ZIMAGE_MODEL=tiny` builds the miniature pipeline.
     tiny_model_dir: Path = Path(".cache/zimage-tiny")
+    # The engine runs in its own process, started this way ("forkserver" starts later
+    # ones from a server that has torch imported already: faster restarts; both are safe
+    # with CUDA, a plain fork is not).
+    start_method: Literal["spawn", "forkserver"] = Field(
+        default="spawn", alias="engine_start_method"
+    )
+    # A call that shows no progress (no denoising step) this long past its earliest
+    # budget is taken as hung: the engine process is killed and started again.
+    grace_s: float = Field(default=10.0, gt=0, le=600, alias="engine_grace_s")
+    # A request inside the engine when it (or the worker) died this many times is
+    # dead-lettered and answered `poison_request`.
+    poison_attempts: int = Field(default=2, ge=1, le=100)
+    # Where those deaths are counted when there is no Redis (REDIS_URL empty): a local
+    # file, so a restarted worker on the same machine or volume still sees them.
+    attempts_file: Path = Path(".cache/zimage-attempts.json")
 
 
 class BatchSettings(_Section):

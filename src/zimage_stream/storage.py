@@ -15,22 +15,33 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from concurrent.futures import Executor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import obstore
 import structlog
 from obstore.exceptions import NotFoundError
 from obstore.store import LocalStore, S3Store
-from PIL import Image
 
 from .errors import StorageUnavailableError
-from .imaging import CONTENT_TYPES, encode_image
+from .imaging import CONTENT_TYPES
 from .schemas import ImageRef
 from .settings import StorageSettings
+
+
+class EncodedImageLike(Protocol):
+    """An image encoded for storage (``engine.calls.EncodedImage``)."""
+
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+
 
 log = structlog.get_logger(__name__)
 
@@ -127,16 +138,13 @@ class Storage:
                 await asyncio.sleep(wait)
         return StoredObject(uri=f"{self._uri_prefix}/{key}", sha256=sha, size_bytes=len(data))
 
-    async def put_images(
-        self, images: list[Image.Image], image_format: str, encoder: Executor | None = None
+    async def put_encoded(
+        self, images: Sequence[EncodedImageLike], image_format: str
     ) -> list[ImageRef]:
-        """Encode ``images`` (on ``encoder``, off the event loop) and store them; their
-        references, in order."""
-        loop = asyncio.get_running_loop()
+        """Store images already encoded in ``image_format``; their references, in order."""
 
-        async def put_one(image: Image.Image) -> ImageRef:
-            data = await loop.run_in_executor(encoder, encode_image, image, image_format)
-            stored = await self.put_image(data, image_format)
+        async def put_one(image: EncodedImageLike) -> ImageRef:
+            stored = await self.put_image(image.data, image_format)
             return ImageRef(
                 uri=stored.uri,
                 width=image.width,

@@ -6,8 +6,10 @@ The stages overlap so the device never waits on I/O:
   are answered at once, and every valid request goes its own way in its own task: the
   fast path (``dedup``) answers repeats from the cache and joins identical work in
   flight; the rest of ``generate`` is batched, and ``erase_text`` is erased off the loop;
-* **engine loop**: whenever the device is free it takes the oldest ready batch and runs
-  it in the engine thread, so heartbeats, fetching and cache hits go on during inference;
+* **engine loop**: whenever the device is free it takes the oldest ready batch and sends
+  it to the engine process (``engine.supervisor``), so heartbeats, fetching and cache hits
+  go on during inference and a request that crashes or hangs the model takes only that
+  process with it (``suspects`` decides what becomes of the requests inside);
 * **finish**: each finished batch is encoded, stored, settled in the fast path and
   published by its own task while the next batch is already on the device. The consumer
   commits offsets up to the lowest record whose result is not acknowledged.
@@ -21,11 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -36,9 +36,10 @@ from .batcher import Batch, Batcher
 from .cache import ResultCache
 from .consumer import Delivery, RequestConsumer
 from .dedup import Answer, Dedup
-from .engine import ImageEngine, JobOutcome, RunStats, run_batch
+from .engine import JobResult
+from .engine_process import EngineProcess
 from .erasures import Erasures
-from .errors import InternalError, ZImageError, as_error
+from .errors import InternalError, PoisonRequestError, ZImageError, as_error
 from .generations import Generations, Pending
 from .metrics import HttpEndpoint, WorkerMetrics
 from .producer import ResultProducer
@@ -55,6 +56,7 @@ from .schemas import (
 from .settings import Settings
 from .storage import Storage
 from .styles import style_prompt
+from .suspects import Attempts, Suspects, attempt_store
 from .topics import ensure_topics
 
 log = structlog.get_logger(__name__)
@@ -72,12 +74,12 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        engine: ImageEngine | None = None,
+        engine: EngineProcess | None = None,
         storage: Storage | None = None,
         cache: ResultCache | None = None,
     ) -> None:
         self._settings = settings
-        self._engine = engine or ImageEngine(settings.engine)
+        self._engine = engine or EngineProcess(settings.engine, settings.ocr)
         self._storage = storage or Storage.from_settings(settings.storage)
         self.cache = cache or ResultCache.from_settings(settings.cache)
         self.dedup = Dedup(self.cache, self._storage, settings.cache.lock_ttl_s)
@@ -86,23 +88,22 @@ class Worker:
         self._batch_added = asyncio.Event()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
-        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="zimage-engine")
-        self._encode_pool = ThreadPoolExecutor(2, thread_name_prefix="zimage-encode")
-        self.generations = Generations(
-            self._engine,
-            self._storage,
-            self.dedup,
-            self._encode_pool,
-            settings.storage.image_format,
+        self.attempts = Attempts(
+            attempt_store(settings.cache.redis_url, settings.engine.attempts_file),
+            settings.kafka.group_id,
         )
+        self.suspects = Suspects(
+            self.attempts, settings.engine.poison_attempts, self._dead_letter_poison
+        )
+        image_format = settings.storage.image_format
+        self.generations = Generations(self._engine, self._storage, self.dedup, image_format)
         self.erasures = Erasures(
             self._engine,
             self._storage,
             self.dedup,
+            self.suspects,
             settings.ocr,
-            self._engine_thread,
-            self._encode_pool,
-            settings.storage.image_format,
+            image_format,
             settings.batch.erase_pixels_in_flight,
         )
         self._tasks: set[asyncio.Task[None]] = set()
@@ -113,7 +114,6 @@ class Worker:
         #: counters a test or the bench can read
         self.stats = {"batches": 0, "batch_requests": 0, "results": 0, "dead_letters": 0}
         self.engine_busy_s = 0.0
-        self.run_stats = RunStats()  # timeouts and out-of-memory splits
         self.started_monotonic = time.monotonic()
         self.metrics = WorkerMetrics(self)
         self.http: HttpEndpoint | None = None
@@ -121,7 +121,7 @@ class Worker:
             self.http = HttpEndpoint(settings.http_port, self.metrics.routes(self._readiness))
 
     @property
-    def engine(self) -> ImageEngine:
+    def engine(self) -> EngineProcess:
         return self._engine
 
     # -- what /metrics, /healthz and /readyz show -----------------------------------------
@@ -138,10 +138,15 @@ class Worker:
     def undelivered(self) -> dict[str, int]:
         return dict(self._producer.undelivered) if self._producer is not None else {}
 
+    def engine_restarts(self) -> dict[str, int]:
+        return dict(self._engine.restarts)
+
     def _readiness(self) -> dict[str, Any]:
-        """Ready once the model is loaded and warm and the group is joined."""
+        """Ready once the model is loaded and warm and the group is joined; not while the
+        engine process is started again."""
         report = self._engine.report.as_dict() if self._engine.loaded else None
-        ready = self.ready.is_set() and not self._stopping.is_set()
+        ready = self.ready.is_set() and self._engine.ready.is_set()
+        ready = ready and not self._stopping.is_set()
         return {"ready": ready, "broker_connected": self._consumer is not None, "model": report}
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -168,9 +173,8 @@ class Worker:
         if kafka.create_topics:
             await ensure_topics(kafka, kafka.topic_partitions)
         async with AsyncExitStack() as stack:
-            for pool in (self._engine_thread, self._encode_pool):
-                stack.callback(pool.shutdown, wait=False, cancel_futures=True)
-            stack.callback(self.erasures.close)
+            stack.push_async_callback(self._engine.stop)
+            stack.push_async_callback(self.attempts.close)
             await stack.enter_async_context(self.cache)
             await stack.enter_async_context(self.dedup)
             self._producer = await stack.enter_async_context(ResultProducer(kafka))
@@ -187,10 +191,11 @@ class Worker:
                 await self._shut_down(engine_loop)
 
     async def _load_engine(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._engine_thread, self._engine.load)
-        if self._settings.engine.warmup:
-            await loop.run_in_executor(self._engine_thread, self._engine.warm_up)
+        try:
+            await self._engine.start()
+        except BaseException:
+            await self._engine.stop()
+            raise
 
     async def _shut_down(self, engine_loop: asyncio.Task[None]) -> None:
         """Finish the batch on the device and publish what is done, within the grace period.
@@ -296,26 +301,40 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._batch_added.wait(), timeout)
 
-    async def _run_batch(self, batch: Batch[Pending]) -> tuple[list[JobOutcome], float]:
+    async def _run_batch(self, batch: Batch[Pending]) -> tuple[list[JobResult], float]:
         """Each request's images or error, and when the batch started (wall clock)."""
-        shape = batch.items[0].shape
-        jobs = [p.job for p in batch.items]
-        budgets = [self._budget(p.request.timeout_s) for p in batch.items]
+        items = batch.items
+        shape = items[0].shape
+        budgets = [self._budget(p.request.timeout_s) for p in items]
         progress = None
         if self._settings.kafka.progress_topic:
-            request_ids = [p.request.request_id for p in batch.items]
+            request_ids = [p.request.request_id for p in items]
             loop = asyncio.get_running_loop()
             progress = step_reporter(self._require_producer(), request_ids, loop, self._spawn)
-        started_wall, started = time.time(), time.perf_counter()
-        run = functools.partial(run_batch, self._engine, jobs, shape, budgets, self.run_stats)
-        try:
-            outcomes = await asyncio.get_running_loop().run_in_executor(
-                self._engine_thread, run, progress
+
+        async def call(group: list[int]) -> list[JobResult]:
+            """One engine call for the requests ``group`` (indices into the batch)."""
+
+            def on_step(jobs: list[int], step: int, total: int) -> None:
+                if progress is not None:
+                    progress([group[j] for j in jobs], step, total)
+
+            return await self._engine.generate(
+                [items[i].job for i in group],
+                shape,
+                [budgets[i] for i in group],
+                self._settings.storage.image_format,
+                on_step if progress is not None else None,
             )
+
+        started_wall, started = time.time(), time.perf_counter()
+        try:
+            answers = await self.suspects.run([p.delivery for p in items], budgets, call)
+            outcomes = [a if isinstance(a, JobResult) else JobResult(error=a) for a in answers]
         except Exception as exc:
             if not isinstance(exc, ZImageError):
                 log.exception("inference_failed")
-            outcomes = [JobOutcome(error=as_error(exc, "inference")) for _ in jobs]
+            outcomes = [JobResult(error=as_error(exc, "inference")) for _ in items]
         elapsed = time.perf_counter() - started
         self.metrics.record_batch(len(batch), elapsed)
         self.engine_busy_s += elapsed
@@ -339,7 +358,7 @@ class Worker:
     # -- finish: store, settle, publish ----------------------------------------------------
 
     async def _finish_batch(
-        self, batch: Batch[Pending], outcomes: list[JobOutcome], started_at: float, batch_id: str
+        self, batch: Batch[Pending], outcomes: list[JobResult], started_at: float, batch_id: str
     ) -> None:
         with bound_contextvars(batch_id=batch_id):
             await asyncio.gather(
@@ -351,7 +370,7 @@ class Worker:
             log.info("batch_answered", requests=len(batch))
 
     async def _answer_batch_item(
-        self, pending: Pending, outcome: JobOutcome, started_at: float
+        self, pending: Pending, outcome: JobResult, started_at: float
     ) -> None:
         with bound_contextvars(request_id=pending.request.request_id):
             self.metrics.queue_seconds.observe(max(0.0, started_at - pending.arrived_at))
@@ -365,15 +384,28 @@ class Worker:
 
     async def _erase(self, delivery: Delivery, request: EraseTextRequest) -> None:
         with bound_contextvars(request_id=request.request_id):
-            arrived = request.arrived_at(delivery.record.timestamp)
             budget = self._budget(request.timeout_s)
-            result = await self.erasures.answer(request, arrived, budget, _forced(delivery))
+            result = await self.erasures.answer(delivery, request, budget, _forced(delivery))
             if result is None:
                 return  # stopping: left uncommitted, read again by the next owner
             self.metrics.queue_seconds.observe(result.timings_ms.queued / 1000)
             await self._publish(delivery, result)
 
     # -- refusals ----------------------------------------------------------------------------
+
+    async def _dead_letter_poison(self, delivery: Delivery, error: PoisonRequestError) -> None:
+        """Dead-letter a request the engine died with too often (``suspects`` answers it)."""
+        record = delivery.record
+        if await self._require_producer().dead_letter(
+            record.value,
+            record.key,
+            delivery.source,
+            error.code,
+            error.message,
+            delivery.headers,
+            attempts=error.attempts,
+        ):
+            self.stats["dead_letters"] += 1
 
     async def _reject(self, delivery: Delivery, exc: RequestParseError) -> None:
         """Dead-letter a message that is not a valid request, and answer it when possible."""

@@ -68,6 +68,7 @@ def settings(kafka_bootstrap: str, tmp_path: Path, tiny_model_dir: Path, unique:
         tiny_model_dir=tiny_model_dir,
         topic_partitions=3,
         kafka_session_timeout_ms=6000,
+        attempts_file=tmp_path / "attempts.json",
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image
 
 from tests.integration.conftest import KafkaIO
 from tests.support.render import LATIN_FONT, png_bytes, product_scene, with_text
+from zimage_stream.engine.calls import Faults
 from zimage_stream.erase import SourceImage, TextEraser
 from zimage_stream.erase.ocr import RapidOcrDetector
 from zimage_stream.settings import Settings
@@ -121,11 +121,11 @@ async def test_an_erasure_past_its_budget_is_timed_out_on_both_engines(
     diffusion["timeout_s"] = 1
     async with running_worker(settings) as worker:
         # Each denoising step of the miniature model takes 0.4 s more than it would.
-        worker.engine.fault_hook = lambda where, _: time.sleep(0.4) if where == "step" else None
+        await worker.engine.set_faults(Faults(step_sleep_s=0.4))
         await kafka_io.send(classical)
         await kafka_io.send(diffusion)
         results = {r["request_id"]: r for r in await kafka_io.results(2)}
-        worker.engine.fault_hook = None
+        await worker.engine.set_faults(Faults())
         # Nothing was remembered: the same request with time to spare succeeds.
         diffusion["request_id"], diffusion["timeout_s"] = "in-time", 300
         await kafka_io.send(diffusion)

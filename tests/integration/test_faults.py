@@ -12,10 +12,10 @@ from collections import Counter
 from typing import Any
 
 import pytest
-import torch
 from aiokafka.errors import MessageSizeTooLargeError
 
 from tests.integration.conftest import KafkaIO, generate, wait_for_ids
+from zimage_stream.engine.calls import Faults
 from zimage_stream.producer import ResultProducer
 from zimage_stream.settings import Settings
 from zimage_stream.testing import running_worker
@@ -39,12 +39,12 @@ async def test_a_request_past_its_budget_times_out_and_its_batch_mates_finish(
     steps["params"]["num_inference_steps"] = short["params"]["num_inference_steps"] = 8
     async with running_worker(settings) as worker:
         # Each denoising step takes 0.3 s: the 1 s budget runs out around step 4 of 8.
-        worker._engine.fault_hook = lambda where, _: time.sleep(0.3) if where == "step" else None
+        await worker.engine.set_faults(Faults(step_sleep_s=0.3))
         await kafka_io.send(short)
         await kafka_io.send(steps)
         results = {r["request_id"]: r for r in await kafka_io.results(2)}
         assert await _wait_committed(kafka_io, 2) == 2
-        assert worker.run_stats.timeouts == 1
+        assert worker.engine.run_stats["timeouts"] == 1
     assert results["short"]["status"] == "timed_out"
     assert results["short"]["error"]["code"] == "timeout"
     assert results["short"]["error"]["retriable"] is True
@@ -59,7 +59,7 @@ async def test_an_identical_request_with_more_time_does_not_inherit_a_timeout(
     hasty = {**generate("hasty", "a mug on a desk", num_inference_steps=8), "timeout_s": 1}
     patient = {**generate("patient", "a mug on a desk", num_inference_steps=8), "timeout_s": 300}
     async with running_worker(settings) as worker:
-        worker.engine.fault_hook = lambda where, _: time.sleep(0.3) if where == "step" else None
+        await worker.engine.set_faults(Faults(step_sleep_s=0.3))
         await kafka_io.send(hasty, partition=0)
         await kafka_io.send(patient, partition=0)  # identical content, following "hasty"
         results = {r["request_id"]: r for r in await kafka_io.results(2)}
@@ -90,25 +90,20 @@ async def test_out_of_memory_splits_the_batch_then_answers_clearly(
     settings: Settings, kafka_io: KafkaIO
 ) -> None:
     settings = settings.replace(batch_window_ms=1500)
-    too_big: dict[str, int] = {"images": 2}  # calls with more images than this run out
-
-    def fault(where: str, images: int) -> None:
-        if where == "call" and images > too_big["images"]:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB")
 
     async with running_worker(settings) as worker:
-        worker._engine.fault_hook = fault
+        await worker.engine.set_faults(Faults(oom_over_images=2))  # calls with more run out
         for index in range(4):
             await kafka_io.send(generate(f"fits-{index}", f"a lamp, view {index}"))
         first = await kafka_io.results(4)
-        too_big["images"] = 0  # now nothing fits, not even one image
+        await worker.engine.set_faults(Faults(oom_over_images=0))  # now not even one image
         await kafka_io.send(generate("never-fits", "a vase"))
         second = await kafka_io.results(5)
-        worker._engine.fault_hook = None  # memory is back: the worker carries on
+        await worker.engine.set_faults(Faults())  # memory is back: the worker carries on
         await kafka_io.send(generate("after", "a bowl"))
         third = await kafka_io.results(6)
         assert await _wait_committed(kafka_io, 6) == 6
-        assert worker.run_stats.oom_splits >= 1
+        assert worker.engine.run_stats["oom_splits"] >= 1
     assert Counter(r["status"] for r in first) == {"succeeded": 4}
     never = next(r for r in second if r["request_id"] == "never-fits")
     assert never["status"] == "failed"

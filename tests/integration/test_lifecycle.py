@@ -19,6 +19,7 @@ from tests.integration.conftest import (
     wait_for_ids,
     wait_for_results,
 )
+from zimage_stream.engine.calls import Faults
 from zimage_stream.settings import Settings
 from zimage_stream.testing import running_worker
 from zimage_stream.worker import Worker
@@ -31,8 +32,8 @@ def _by_id(results: list[dict]) -> dict[str, list[dict]]:
     return grouped
 
 
-def _slow_steps(worker: Worker, seconds: float) -> None:
-    worker._engine.fault_hook = lambda where, _: time.sleep(seconds) if where == "step" else None
+async def _slow_steps(worker: Worker, seconds: float) -> None:
+    await worker.engine.set_faults(Faults(step_sleep_s=seconds))
 
 
 async def test_sigterm_finishes_the_running_batch_commits_and_exits_zero(
@@ -75,7 +76,7 @@ async def test_a_flood_pauses_fetching_and_long_batches_keep_the_member_in_its_g
     )
     ids = [f"flood-{i}" for i in range(12)]
     async with running_worker(settings) as worker:
-        _slow_steps(worker, 0.4)
+        await _slow_steps(worker, 0.4)
         peak = 0
 
         async def watch() -> None:
@@ -112,11 +113,11 @@ async def test_a_worker_joining_and_one_leaving_mid_stream_lose_nothing(
 
     with capture_logs() as logs:
         async with running_worker(settings) as first:
-            _slow_steps(first, 0.05)
+            await _slow_steps(first, 0.05)
             await publish(ids[:8])
             await wait_for_results(kafka_io, 2, timeout_s=120)
             async with running_worker(settings, Worker(settings)) as second:
-                _slow_steps(second, 0.05)
+                await _slow_steps(second, 0.05)
                 await publish(ids[8:16])
                 await wait_for_results(kafka_io, 10, timeout_s=120)
             # The second worker left (its partitions come back to the first).

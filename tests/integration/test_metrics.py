@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -14,6 +13,8 @@ from collections.abc import Callable
 import pytest
 
 from tests.integration.conftest import KafkaIO, generate
+from zimage_stream.engine.calls import Faults
+from zimage_stream.engine_process import EngineProcess
 from zimage_stream.settings import Settings
 from zimage_stream.testing import running_worker
 from zimage_stream.worker import Worker
@@ -47,18 +48,19 @@ def _value(metrics: str, series: str) -> float:
 
 async def test_readyz_turns_ready_only_after_warm_up(settings: Settings) -> None:
     settings = settings.replace(http_port=0)
-    worker = Worker(settings)
     # Warm-up runs 2 denoising steps: make each take a second, to look at it meanwhile.
-    worker.engine.fault_hook = lambda where, _: time.sleep(1.0) if where == "step" else None
+    engine = EngineProcess(settings.engine, faults=Faults(step_sleep_s=1.0))
+    worker = Worker(settings, engine=engine)
     run = asyncio.create_task(worker.run())
     try:
         await _until(lambda: worker.http is not None and worker.http._server is not None)
         assert worker.http is not None
         port = worker.http.port
-        await _until(lambda: worker.engine.loaded)
-        assert (await get(port, "/healthz"))[0] == 200  # alive while warming up
+        await _until(lambda: worker.engine.pid is not None)  # the engine process loads
+        assert (await get(port, "/healthz"))[0] == 200  # alive while loading and warming up
         status, body = await get(port, "/readyz")
         assert status == 503 and json.loads(body)["ready"] is False
+        assert json.loads(body)["model"] is None
         await asyncio.wait_for(worker.ready.wait(), timeout=120)
         status, body = await get(port, "/readyz")
         report = json.loads(body)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 from tests.integration.conftest import KafkaIO, generate
 from zimage_stream.client import ResultWaiter
+from zimage_stream.engine.calls import Faults
 from zimage_stream.settings import Settings
 from zimage_stream.testing import running_worker
 from zimage_stream.topics import ensure_topics
@@ -23,13 +22,13 @@ async def test_progress_events_arrive_in_order_and_are_throttled(
         await waiter.start()
         try:
             # 0.3 s a step: above the 0.25 s throttle, so every step is reported.
-            worker.engine.fault_hook = lambda where, _: time.sleep(0.3) if where == "step" else None
+            await worker.engine.set_faults(Faults(step_sleep_s=0.3))
             await kafka_io.send(slow)
             result = await waiter.wait_for("slow", timeout_s=120)
         finally:
             await waiter.stop()
         assert result.status == "succeeded"  # progress records did not confuse the waiter
-        worker.engine.fault_hook = None  # the miniature model's steps take milliseconds
+        await worker.engine.set_faults(Faults())  # the miniature model's steps take milliseconds
         await kafka_io.send(fast)
         await kafka_io.results(2)
         events = [e.json() for e in await kafka_io.read(settings.kafka.progress_topic, 10)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,18 @@ def test_a_caption_longer_than_the_model_takes_is_refused_before_it_runs(
     assert refused.value.code == "invalid_request" and "at most 224" in refused.value.message
     with pytest.raises(IndexError):  # what the model does with it
         engine.generate([GenerateJob(too_long, 1, 0)], BatchShape(64, 64, 1, 0.0))
+
+
+def test_the_caption_rule_counts_as_the_pipelines_tokenizer_does(tiny_engine: ImageEngine) -> None:
+    """The worker checks captions without torch, from the rule the engine process sends."""
+    rule = pickle.loads(pickle.dumps(tiny_engine.caption_rule()))  # as it crosses the pipe
+    counter = tiny_engine._counter
+    for prompt in ["a mug", "一个白色的杯子 on a desk, studio light", "a long mug " * 60]:
+        templated = counter.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+        assert rule.tokens(prompt) == len(counter(templated).input_ids), prompt
+    assert rule.limit == tiny_engine.caption_limit

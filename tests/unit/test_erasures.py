@@ -1,25 +1,25 @@
-"""The worker's erase_text path without Kafka: sources are decoded off the event loop,
-only when an erasure runs, and never more pixels at once than the budget allows."""
+"""The worker's erase_text path without Kafka or an engine process: the source goes to the
+engine only when an erasure runs (a repeat is answered without sending it), and never
+more pixels at once than the budget allows."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import pytest
+from typing import Any, cast
 
 from tests.support.render import LATIN_FONT, png_bytes, product_scene, with_text
-from zimage_stream import erasures
 from zimage_stream.cache import MemoryBackend, ResultCache
+from zimage_stream.consumer import Delivery
 from zimage_stream.dedup import Dedup
-from zimage_stream.engine import ImageEngine
+from zimage_stream.engine.calls import EncodedImage, Erased, LoadReport
+from zimage_stream.engine_process import EngineProcess
 from zimage_stream.erasures import Erasures, PixelBudget
-from zimage_stream.schemas import EraseTextRequest
+from zimage_stream.schemas import EraseTextRequest, ModelInfo
 from zimage_stream.settings import OcrSettings, StorageSettings
 from zimage_stream.storage import Storage
+from zimage_stream.suspects import Attempts, FileAttempts, Suspects
 
 
 def _request(request_id: str, data: bytes) -> EraseTextRequest:
@@ -27,37 +27,57 @@ def _request(request_id: str, data: bytes) -> EraseTextRequest:
         schema_version=1,
         request_id=request_id,
         task="erase_text",
-        params={"source": {"base64": base64.b64encode(data).decode()}, "engine": "classical"},
+        params={"source": {"base64": base64.b64encode(data).decode()}, "engine": "auto"},
     )
 
 
-async def test_sources_are_decoded_off_the_loop_and_only_when_erased(
-    tiny_engine: ImageEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    decoded_on: list[str] = []
-    real_decode = erasures.decode_image
+class _Engine:
+    """Stands in for the engine process: records what it is sent, answers a fixed image."""
 
-    def recording_decode(data: bytes) -> object:
-        decoded_on.append(threading.current_thread().name)
-        return real_decode(data)
+    report = LoadReport("tiny", None, "cpu", "float32", "native", 0.1)
+    model_info = ModelInfo(id="tiny", revision=None, device="cpu", dtype="float32")
 
-    monkeypatch.setattr(erasures, "decode_image", recording_decode)
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, str]] = []
+
+    async def erase(self, data: bytes, engine: str, *_: Any) -> Erased:
+        self.sent.append((data, engine))
+        return Erased(EncodedImage(b"cleaned", 320, 240), regions=[])
+
+
+class _Record:
+    def __init__(self, offset: int) -> None:
+        self.source = ("req", 0, offset)
+        self.record = self
+        self.timestamp = 0
+
+
+async def test_the_source_reaches_the_engine_only_when_an_erasure_runs(tmp_path: Path) -> None:
     storage = Storage.from_settings(StorageSettings(url=str(tmp_path / "images")))
     cache = ResultCache(MemoryBackend(), 60, 60)
-    pool = ThreadPoolExecutor(1)
+    engine = _Engine()
+
+    async def no_dead_letters(*_: Any) -> None:
+        raise AssertionError("nothing here is poison")
+
+    suspects = Suspects(Attempts(FileAttempts(tmp_path / "a.json"), "g"), 2, no_dead_letters)
+    rendered = with_text(product_scene(320, 240), [("SALE", (20, 20), LATIN_FONT, 36, (0, 0, 0))])
+    data = png_bytes(rendered.image)
     async with Dedup(cache, storage, lock_ttl_s=5) as dedup:
-        path = Erasures(tiny_engine, storage, dedup, OcrSettings(), pool, pool, "png", 10**7)
-        rendered = with_text(
-            product_scene(320, 240), [("SALE", (20, 20), LATIN_FONT, 36, (0, 0, 0))]
+        path = Erasures(
+            cast(EngineProcess, engine), storage, dedup, suspects, OcrSettings(), "png", 10**7
         )
-        data = png_bytes(rendered.image)
-        first = await path.answer(_request("first", data), arrived_at=0, budget_s=60, forced=False)
-        again = await path.answer(_request("again", data), arrived_at=0, budget_s=60, forced=False)
-        path.close()
+        first = await path.answer(_delivery(0), _request("first", data), 60, forced=False)
+        again = await path.answer(_delivery(1), _request("again", data), 60, forced=False)
     assert first is not None and first.status == "succeeded" and not first.cache_hit
     assert again is not None and again.cache_hit and again.images == first.images
-    assert len(decoded_on) == 1  # the repeat was answered without decoding its source
-    assert decoded_on[0] != threading.main_thread().name
+    # Sent once, as its encoded bytes; "auto" is the classical engine on a CPU.
+    assert engine.sent == [(data, "classical")]
+    assert first.model.id == "classical:rapidocr+opencv-telea"
+
+
+def _delivery(offset: int) -> Delivery:
+    return cast(Delivery, _Record(offset))
 
 
 async def test_the_pixel_budget_holds_back_what_does_not_fit() -> None:

@@ -2,14 +2,18 @@
 
 Every module of the package is placed on a floor below; a module may import modules on
 its own floor or lower ones, never higher. The engine and erasure are rooms side by side
-that know nothing of each other (the worker injects the diffusion inpainter into the
-eraser), and nothing below the worker knows Kafka, the cache or the fast path.
+that know nothing of each other (the engine process injects the diffusion inpainter into
+the eraser), and nothing below the worker knows Kafka, the cache or the fast path. The
+worker's process never imports torch or a native image stack: those live in the engine
+process.
 Imports anywhere in a module count, also those inside functions.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,8 @@ FLOORS: list[set[str]] = [
     {"imaging", "storage", "kafka_security", "offsets", "batcher", "broker", "logs"},
     # 2. the rooms that compute: the model and text erasure
     {"engine", "erase"},
-    # 3. I/O around the stream: Kafka clients, the cache and the fast path, metrics
+    # 3. I/O around the stream: Kafka clients, the cache and the fast path, metrics; the
+    #    engine process, which composes the two rooms that compute
     {
         "cache",
         "dedup",
@@ -36,6 +41,8 @@ FLOORS: list[set[str]] = [
         "asyncapi",
         "metrics",
         "progress",
+        "suspects",
+        "engine_process",
     },
     # 4. the stages
     {"erasures", "generations", "worker"},
@@ -136,3 +143,15 @@ def test_the_drawing_sees_imports() -> None:
     worker = _imports(PACKAGE / "worker.py")
     assert {"dedup", "consumer", "engine", "schemas", "settings"} <= worker
     assert "pipeline" not in _imports(PACKAGE / "engine" / "runner.py")  # same room
+
+
+def test_the_worker_process_imports_no_model_stack() -> None:
+    """The worker shares no fate with native model code: torch, diffusers, OpenCV and the
+    OCR runtime are imported only in the engine process."""
+    code = (
+        "import sys, zimage_stream.worker, zimage_stream.cli, zimage_stream.testing\n"
+        "heavy = {'torch', 'diffusers', 'transformers', 'cv2', 'onnxruntime', 'rapidocr'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,10 +1,11 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from zimage_stream import schemas
-from zimage_stream.errors import ERROR_CODES
+from zimage_stream.errors import ERROR_CODES, for_code
 from zimage_stream.schemas import (
     EraseTextRequest,
     GenerateRequest,
@@ -219,7 +220,7 @@ def test_json_schemas_describe_the_contract() -> None:
         "timings_ms",
         "completed_at",
     }
-    assert len(ERROR_CODES) == 12
+    assert len(ERROR_CODES) == 13
 
 
 def test_the_repositorys_contract_is_the_shared_one_and_names_every_error_code() -> None:
@@ -232,3 +233,16 @@ def test_the_repositorys_contract_is_the_shared_one_and_names_every_error_code()
         assert contract == shared.read_text(), "docs/CONTRACT.md differs from ../shared/CONTRACT.md"
     missing = {code for code in ERROR_CODES if f"`{code}`" not in contract}
     assert not missing, f"error codes the contract does not name: {sorted(missing)}"
+
+
+def test_the_readmes_error_table_names_every_code_with_its_status_and_retriable() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = {
+        code: (status, retriable == "yes")
+        for code, status, retriable in re.findall(
+            r"^\| `([a-z_]+)` \| `([a-z_]+)` \| (yes|no) \|", readme, re.M
+        )
+    }
+    for code in ERROR_CODES:
+        error = for_code(code)("x")
+        assert rows.get(code) == (error.status, error.retriable), code

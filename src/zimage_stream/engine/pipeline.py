@@ -13,7 +13,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ import structlog
 import torch
 from PIL import Image
 
-from ..errors import InvalidRequestError, ModelUnavailableError
+from ..errors import ModelUnavailableError
 from ..schemas import MAX_SEED, ModelInfo
 from ..settings import EngineSettings
+from .calls import BatchShape, CaptionRule, GenerateJob, LoadReport
 from .device import (
     MASKLESS_BACKENDS,
     free_device_memory,
@@ -57,46 +58,6 @@ class DeadlineExceeded(TimeoutError):
         self.steps_done = steps_done
 
 
-@dataclass(frozen=True)
-class GenerateJob:
-    """One request's share of a pipeline call."""
-
-    prompt: str
-    num_images: int
-    seed: int
-
-
-@dataclass(frozen=True)
-class BatchShape:
-    """What every job of one pipeline call shares."""
-
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """How the model was loaded: what ``/readyz`` and the start-up log show."""
-
-    model_id: str
-    revision: str | None
-    device: str
-    dtype: str
-    attention_backend: str
-    load_s: float
-    warmup_s: float | None = None
-    #: where the weights live: "device", "model_cpu_offload" (GPU memory ran out at load)
-    #: or "cpu" (it ran out with offloading too)
-    placement: str = "device"
-    #: torch.compile applied: "off" or "regional" (the transformer's repeated blocks)
-    compile: str = "off"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 class ImageEngine:
     """Owns the diffusers pipeline and runs generation on it."""
 
@@ -108,6 +69,7 @@ class ImageEngine:
         self._counter: Any = None
         #: the longest caption (tokens) the loaded model takes whole
         self.caption_limit = MAX_CAPTION_TOKENS
+        self._caption_rule: CaptionRule | None = None
         self.fault_hook: FaultHook | None = None
 
     @property
@@ -186,24 +148,26 @@ class ImageEngine:
         return self._report
 
     def check_caption(self, prompt: str) -> None:
-        """Raise ``invalid_request`` when ``prompt`` (styled) is longer than the model takes.
+        """Raise ``invalid_request`` when ``prompt`` (styled) is longer than the model takes
+        (``CaptionRule.check``)."""
+        if self._caption_rule is None:
+            self._caption_rule = self.caption_rule()
+        self._caption_rule.check(prompt)
 
-        Past the limit the pipeline would cut the caption silently (losing the style text
-        at its end) or, where the transformer has fewer caption positions, fail the whole
-        batch; the request's own fault is better said before it is batched.
-        """
+    def caption_rule(self) -> CaptionRule:
+        """``check_caption``'s rule as plain data, for a process that does not load torch:
+        the chat template's text around a prompt and the tokenizer's own definition."""
+        marker = "\x00prompt\x00"
         templated = self._counter.apply_chat_template(
-            [{"role": "user", "content": prompt}],
+            [{"role": "user", "content": marker}],
             tokenize=False,
             add_generation_prompt=True,
             enable_thinking=True,
         )
-        tokens = len(self._counter(templated).input_ids)
-        if tokens > self.caption_limit:
-            raise InvalidRequestError(
-                f"params.prompt: {tokens} tokens with its style text and chat template; this "
-                f"model takes at most {self.caption_limit} (shorten the prompt)"
-            )
+        prefix, suffix = templated.split(marker)
+        return CaptionRule(
+            self.caption_limit, prefix, suffix, self._counter.backend_tokenizer.to_str()
+        )
 
     def _place(self, pipe: Any) -> str:
         """Move the weights to the device; when its memory runs out, fall back to model CPU
@@ -241,7 +205,7 @@ class ImageEngine:
         shape = BatchShape(width=size, height=size, num_inference_steps=2, guidance_scale=0.0)
         self.generate([GenerateJob("warm-up: a white ceramic mug", num_images=1, seed=0)], shape)
         warmup_s = round(time.perf_counter() - started, 3)
-        self._report = LoadReport(**{**self.report.as_dict(), "warmup_s": warmup_s})
+        self._report = replace(self.report, warmup_s=warmup_s)
         log.info("model_warmed_up", warmup_s=warmup_s, **memory_summary(self._device))
         return self._report
 

@@ -3,13 +3,33 @@
 The room owns reading a source safely (``sources``), finding text (``ocr``), masking it
 (``masks``), filling it on the CPU (``classical``) and the pipeline that composes them
 (``eraser``). It takes plain arrays and is given what it does not own: the diffusion
-inpainter is injected by the worker, so nothing here imports the engine.
+inpainter is injected by the engine process, so nothing here imports the engine.
+Importing the package loads only ``sources``: the worker reads sources, and the engine
+process, which erases, loads the rest when it first names it.
 """
 
-from .classical import classical_model
-from .eraser import EraseResult, Inpainter, TextEraser
-from .ocr import TextBox, TextDetector, detector_for, make_detector
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ..schemas import ModelInfo
 from .sources import SourceImage, decode_image, fetch_source, read_source, source_pixels
+
+if TYPE_CHECKING:
+    from .eraser import EraseResult, Inpainter, TextEraser
+    from .ocr import TextBox, TextDetector, detector_for, make_detector
+
+#: loaded when first named: the worker reads sources, only the engine process erases
+_LAZY = {
+    "EraseResult": "eraser",
+    "Inpainter": "eraser",
+    "TextEraser": "eraser",
+    "TextBox": "ocr",
+    "TextDetector": "ocr",
+    "detector_for": "ocr",
+    "make_detector": "ocr",
+}
 
 __all__ = [
     "EraseResult",
@@ -26,3 +46,17 @@ __all__ = [
     "read_source",
     "source_pixels",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def classical_model(ocr_backend: str) -> ModelInfo:
+    """What produces ``erase_text`` images with the classical engine: the text detector and
+    OpenCV's Telea fill (so its results are cached apart from another detector's)."""
+    return ModelInfo(
+        id=f"classical:{ocr_backend}+opencv-telea", revision=None, device="cpu", dtype="uint8"
+    )

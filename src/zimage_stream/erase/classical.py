@@ -13,16 +13,6 @@ import time
 import cv2
 import numpy as np
 
-from ..schemas import ModelInfo
-
-
-def classical_model(ocr_backend: str) -> ModelInfo:
-    """What produces ``erase_text`` images with the classical engine: the text detector and
-    OpenCV's Telea fill (so its results are cached apart from another detector's)."""
-    return ModelInfo(
-        id=f"classical:{ocr_backend}+opencv-telea", revision=None, device="cpu", dtype="uint8"
-    )
-
 
 def inpaint_classical(
     rgb: np.ndarray,
