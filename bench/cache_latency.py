@@ -4,7 +4,12 @@ Publishes a workload with a known share of repeats (same params, new request ids
 worker running the miniature model, and measures publish → result-received latency for
 cache hits and misses, plus the hit rate. Prints one table.
 
+With ``--saturate N``, N distinct heavier requests are published just before the
+workload, so the engine process is busy for the whole of it; the table then says how
+many of them were still unanswered when the workload's last result arrived.
+
     .venv/bin/python bench/cache_latency.py [--requests 400] [--repeat-share 0.8]
+    .venv/bin/python bench/cache_latency.py --repeat-share 1.0 --requests 300 --saturate 120
 """
 
 from __future__ import annotations
@@ -29,13 +34,13 @@ from zimage_stream.client import generate_request
 from zimage_stream.testing import running_worker
 
 
-def _request(request_id: str, product: int) -> dict:
+def _request(request_id: str, product: int, size: int = 256, steps: int = 2) -> dict:
     return generate_request(
-        f"product photo {product}", request_id, width=256, height=256, num_images=1, steps=2
+        f"product photo {product}", request_id, width=size, height=size, num_images=1, steps=steps
     )
 
 
-async def run(requests: int, repeat_share: float, warm: int, rate: float) -> None:
+async def run(requests: int, repeat_share: float, warm: int, rate: float, saturate: int) -> None:
     with broker() as bootstrap, redis_server() as redis_url:
         settings = bench_settings(bootstrap, redis_url=redis_url, batch_window_ms=20)
         async with running_worker(settings):
@@ -57,7 +62,11 @@ async def run(requests: int, repeat_share: float, warm: int, rate: float) -> Non
             for i in range(warm):
                 await send(_request(f"warm-{i}", i))
             await receiver.wait_for({f"warm-{i}" for i in range(warm)})
-            # 2. The workload: a known share of repeats of warm products, the rest new.
+            # 2. Saturate the device: heavier distinct requests, published at once.
+            flood = {f"flood-{i}" for i in range(saturate)}
+            for i in range(saturate):
+                await send(_request(f"flood-{i}", 10_000 + i, size=512, steps=8))
+            # 3. The workload: a known share of repeats of warm products, the rest new.
             rng = random.Random(7)
             workload = []
             for i in range(requests):
@@ -68,9 +77,17 @@ async def run(requests: int, repeat_share: float, warm: int, rate: float) -> Non
                 await send(request)
                 await asyncio.sleep(1 / rate)
             await receiver.wait_for({r["request_id"] for r, _ in workload})
+            busy_until = {r for r in flood if r not in receiver.arrived}
+            await receiver.wait_for(flood)
             await producer.stop()
             await receiver.stop()
     _report(workload, sent, receiver.arrived, repeat_share)
+    if saturate:
+        print(
+            f"device saturated: {saturate} requests of 512x512 in 8 steps published before "
+            f"the workload; {len(busy_until)} of them still unanswered when its last "
+            "result arrived"
+        )
 
 
 def _report(workload: list, sent: dict, arrived: dict, repeat_share: float) -> None:
@@ -104,8 +121,11 @@ def main() -> None:
     parser.add_argument("--repeat-share", type=float, default=0.8)
     parser.add_argument("--warm", type=int, default=20, help="distinct products cached first")
     parser.add_argument("--rate", type=float, default=100.0, help="requests per second")
+    parser.add_argument(
+        "--saturate", type=int, default=0, help="heavier requests that keep the device busy"
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.requests, args.repeat_share, args.warm, args.rate))
+    asyncio.run(run(args.requests, args.repeat_share, args.warm, args.rate, args.saturate))
 
 
 if __name__ == "__main__":

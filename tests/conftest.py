@@ -59,6 +59,9 @@ def make_settings(**overrides: object) -> Settings:
         "redis_url": "",
         "shutdown_grace_s": 30.0,
         "http_port": -1,  # two workers in one process would want the same port
+        # Later engine processes fork from a server with torch imported: seconds saved on
+        # each of the suite's many workers (test_engine_process.py keeps spawn, the default).
+        "engine_start_method": "forkserver",
     }
     base.update(overrides)
     return Settings(_env_file=None, **base)  # type: ignore[call-arg]

@@ -31,6 +31,8 @@ def test_cache_latency_prints_its_table(tiny_model_dir: Path) -> None:
             "3",
             "--repeat-share",
             "0.5",
+            "--saturate",
+            "2",
         ],
         capture_output=True,
         text=True,
@@ -39,6 +41,7 @@ def test_cache_latency_prints_its_table(tiny_model_dir: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "cache hits" in out.stdout and "hit rate:" in out.stdout
+    assert "device saturated: 2 requests" in out.stdout
 
 
 @pytest.mark.skipif(

@@ -56,7 +56,7 @@ async def _poison_dead_letter(kafka_io: KafkaIO, settings: Settings, request: di
 async def test_a_request_that_segfaults_the_engine_is_poison_and_its_neighbours_succeed(
     settings: Settings, kafka_io: KafkaIO
 ) -> None:
-    settings = settings.replace(batch_window_ms=1500)
+    settings = settings.replace(batch_window_ms=1500, engine_start_method="spawn")
     poison = generate("poison", "a mug, CRASH")
     batch = [generate("a", "a lamp"), generate("b", "a vase"), poison, generate("c", "a cup")]
     after = [generate("d", "a bowl"), generate("e", "a plate")]

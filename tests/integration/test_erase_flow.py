@@ -7,6 +7,7 @@ import io
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,8 +15,7 @@ from PIL import Image
 
 from tests.integration.conftest import KafkaIO
 from tests.support.render import LATIN_FONT, png_bytes, product_scene, with_text
-from zimage_stream.engine.calls import Faults
-from zimage_stream.erase import SourceImage, TextEraser
+from zimage_stream.engine.calls import Erased, Faults
 from zimage_stream.erase.ocr import RapidOcrDetector
 from zimage_stream.settings import Settings
 from zimage_stream.testing import running_worker
@@ -81,18 +81,18 @@ async def test_identical_erase_requests_in_flight_are_erased_once(
     settings: Settings, kafka_io: KafkaIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     erased: list[str] = []
-    real_erase = TextEraser.erase
-
-    def counting_erase(self: TextEraser, source: SourceImage, engine: str, *rest: object) -> object:
-        erased.append(engine)
-        return real_erase(self, source, engine, *rest)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(TextEraser, "erase", counting_erase)
     rendered = with_text(
         product_scene(640, 480), [("NEW ARRIVAL", (40, 40), LATIN_FONT, 40, (20, 20, 20))]
     )
     source = {"base64": base64.b64encode(png_bytes(rendered.image)).decode()}
-    async with running_worker(settings):
+    async with running_worker(settings) as worker:
+        real_erase = worker.engine.erase
+
+        async def counting_erase(data: bytes, engine: str, *rest: Any) -> Erased:
+            erased.append(engine)  # what is sent to the engine process to erase
+            return await real_erase(data, engine, *rest)
+
+        monkeypatch.setattr(worker.engine, "erase", counting_erase)
         for index in range(3):  # at once: none is cached when the others arrive
             await kafka_io.send(_erase(f"same-{index}", source))
         results = await kafka_io.results(3)

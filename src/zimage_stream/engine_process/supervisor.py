@@ -74,6 +74,10 @@ class EngineDied(Exception):
         self.reason, self.elapsed_s = reason, elapsed_s
 
 
+class _NotStarted(Exception):
+    """The engine process died before it began this call."""
+
+
 @dataclass(eq=False)
 class _Call:
     future: asyncio.Future[Any]
@@ -213,18 +217,21 @@ class EngineProcess:
     async def _call(
         self, message: Callable[[int], object], budgets_s: list[float], on_step: StepCallback | None
     ) -> Any:
-        child = await self._ready_child()
-        call_id = next(self._call_ids)
-        call = _Call(asyncio.get_running_loop().create_future(), budgets_s, on_step)
-        child.calls[call_id] = call
-        try:
-            await self._send(child, message(call_id))
-        except Exception as exc:  # the pipe broke: the child is dying, its exit will tell
-            log.warning("engine_send_failed", error=repr(exc))
-        try:
-            return await call.future
-        finally:
-            child.calls.pop(call_id, None)
+        while True:
+            child = await self._ready_child()
+            call_id = next(self._call_ids)
+            call = _Call(asyncio.get_running_loop().create_future(), budgets_s, on_step)
+            child.calls[call_id] = call
+            try:
+                await self._send(child, message(call_id))
+            except Exception as exc:  # the pipe broke: the child is dying, its exit will tell
+                log.warning("engine_send_failed", error=repr(exc))
+            try:
+                return await call.future
+            except _NotStarted:
+                continue  # it died before this call began: the next process takes it
+            finally:
+                child.calls.pop(call_id, None)
 
     async def _ready_child(self) -> _Child:
         while True:
@@ -312,9 +319,12 @@ class EngineProcess:
         now = time.monotonic()
         log.error("engine_died", reason=reason, exit_code=code, calls=len(child.calls))
         for call in child.calls.values():
-            if not call.future.done():
-                elapsed = 0.0 if call.started is None else now - call.started
-                call.future.set_exception(EngineDied(reason, elapsed))
+            if call.future.done():
+                continue
+            if call.started is None:  # never inside: not a suspect, only sent again
+                call.future.set_exception(_NotStarted())
+            else:
+                call.future.set_exception(EngineDied(reason, now - call.started))
         self.ready.clear()
         self._child = None
         self._restarting = asyncio.create_task(self._restart(reason), name="engine-restart")
