@@ -129,11 +129,11 @@ class Erasures:
         if claim.kind == "abandoned":
             return None
 
-        async def erase(_: list[int]) -> list[Erased]:
-            call = self.engine.erase(
-                data, engine, list(params.languages), budget_s, self.image_format
-            )
-            return [await call]
+        languages: list[str] = list(params.languages)
+        fmt = self.image_format
+
+        async def erase(_: list[int], alone: bool) -> list[Erased]:
+            return [await self.engine.erase(data, engine, languages, budget_s, fmt, alone)]
 
         try:
             async with self._pixels.hold(source_pixels(data)):

@@ -132,9 +132,14 @@ class EngineSettings(_Section):
     # A call that shows no progress (no denoising step) this long past its earliest
     # budget is taken as hung: the engine process is killed and started again.
     grace_s: float = Field(default=10.0, gt=0, le=600, alias="engine_grace_s")
+    # An engine process that has not loaded the model this long after it started is
+    # killed: at start the worker fails; on a restart it tries again, backing off.
+    load_timeout_s: float = Field(default=900.0, ge=10, le=7200, alias="engine_load_timeout_s")
     # A request inside the engine when it (or the worker) died this many times is
-    # dead-lettered and answered `poison_request`.
-    poison_attempts: int = Field(default=2, ge=1, le=100)
+    # dead-lettered and answered `poison_request`. At least 2: one death is no proof (a
+    # neighbour's erase, the OOM killer taking the pod, or a record still running on its
+    # old owner during a rebalance can look the same).
+    poison_attempts: int = Field(default=2, ge=2, le=100)
     # Where those deaths are counted when there is no Redis (REDIS_URL empty): a local
     # file, so a restarted worker on the same machine or volume still sees them.
     attempts_file: Path = Path(".cache/zimage-attempts.json")

@@ -16,6 +16,7 @@ its budget ran out is answered ``timeout``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -81,7 +82,6 @@ class FileAttempts:
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._counts: dict[str, tuple[int, float]] | None = None
 
     async def get(self, keys: list[str]) -> list[int]:
         counts = self._load()
@@ -105,16 +105,15 @@ class FileAttempts:
         return None
 
     def _load(self) -> dict[str, tuple[int, float]]:
-        if self._counts is None:
-            try:
-                raw = json.loads(self._path.read_text())
-                self._counts = {str(k): (int(v[0]), float(v[1])) for k, v in raw.items()}
-            except FileNotFoundError:
-                self._counts = {}
-            except (ValueError, TypeError, IndexError, AttributeError) as exc:
-                log.warning("attempts_file_unreadable", path=str(self._path), error=repr(exc))
-                self._counts = {}
-        return self._counts
+        """Read on every use: a worker restarted beside a live one shares the file."""
+        try:
+            raw = json.loads(self._path.read_text())
+            return {str(k): (int(v[0]), float(v[1])) for k, v in raw.items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, TypeError, IndexError, AttributeError) as exc:
+            log.warning("attempts_file_unreadable", path=str(self._path), error=repr(exc))
+            return {}
 
 
 class Attempts:
@@ -143,9 +142,17 @@ class Attempts:
 
     async def leave(self, keys: list[str]) -> None:
         """The call returned: the records did not die in it."""
-        for key in keys:
-            self._memory.pop(key, None)
-        await self._guarded(self._store.put(dict.fromkeys(keys, 0)))
+        await self.restore(keys, [0] * len(keys))
+
+    async def restore(self, keys: list[str], counts: list[int]) -> None:
+        """Put the counts back as they were before a call that did not die (it raised, or
+        the worker stopped waiting for it)."""
+        for key, count in zip(keys, counts, strict=True):
+            if count:
+                self._memory[key] = count
+            else:
+                self._memory.pop(key, None)
+        await self._guarded(self._store.put(dict(zip(keys, counts, strict=True))))
 
     async def close(self) -> None:
         await self._store.close()
@@ -173,10 +180,11 @@ class Suspects:
         self,
         deliveries: Sequence[Delivery],
         budgets_s: Sequence[float],
-        call: Callable[[list[int]], Awaitable[list[R]]],
+        call: Callable[[list[int], bool], Awaitable[list[R]]],
     ) -> list[R | ZImageError]:
-        """Each record's result from ``call(indices)`` (one result per index, in order), or
-        the error that answers it without one."""
+        """Each record's result from ``call(indices, alone)`` (one result per index, in
+        order), or the error that answers it without one. ``alone`` asks the engine to run
+        nothing else meanwhile: a suspect's call must die of itself or not at all."""
         keys = [self.attempts.key(d) for d in deliveries]
         results: list[R | ZImageError | None] = [None] * len(keys)
         innocents: list[int] = []
@@ -195,7 +203,7 @@ class Suspects:
             group_keys = [keys[i] for i in group]
             counts = await self.attempts.enter(group_keys)
             try:
-                answers = await call(group)
+                answers = await call(group, group is not innocents)
             except EngineDied as died:
                 log.warning("engine_died_with_requests", requests=len(group), reason=died.reason)
                 for index, count in zip(group, counts, strict=True):
@@ -209,6 +217,10 @@ class Suspects:
                     else:
                         queue.append([index])  # a suspect now: run again, alone
                 continue
+            except BaseException:  # the call did not die with them: not a death
+                before = [count - 1 for count in counts]
+                await asyncio.shield(self.attempts.restore(group_keys, before))
+                raise
             await self.attempts.leave(group_keys)
             for index, answer in zip(group, answers, strict=True):
                 results[index] = answer

@@ -312,7 +312,7 @@ class Worker:
             loop = asyncio.get_running_loop()
             progress = step_reporter(self._require_producer(), request_ids, loop, self._spawn)
 
-        async def call(group: list[int]) -> list[JobResult]:
+        async def call(group: list[int], alone: bool) -> list[JobResult]:
             """One engine call for the requests ``group`` (indices into the batch)."""
 
             def on_step(jobs: list[int], step: int, total: int) -> None:
@@ -325,6 +325,7 @@ class Worker:
                 [budgets[i] for i in group],
                 self._settings.storage.image_format,
                 on_step if progress is not None else None,
+                alone,
             )
 
         started_wall, started = time.time(), time.perf_counter()

@@ -5,9 +5,12 @@ next worker sees them (a file, or Redis)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
+
+import pytest
 
 from zimage_stream.consumer import Delivery
 from zimage_stream.engine_process import EngineDied
@@ -31,10 +34,12 @@ class _Engine:
     def __init__(self, names: list[str], bad: str, how: str = "crashed") -> None:
         self.names, self.bad, self.how = names, bad, how
         self.calls: list[list[str]] = []
+        self.alone: list[bool] = []
 
-    async def call(self, group: list[int]) -> list[str]:
+    async def call(self, group: list[int], alone: bool) -> list[str]:
         names = [self.names[i] for i in group]
         self.calls.append(names)
+        self.alone.append(alone)
         if self.bad in names:
             raise EngineDied(self.how, elapsed_s=5.0)
         return [f"image of {name}" for name in names]
@@ -60,6 +65,7 @@ async def test_a_request_that_kills_the_engine_is_poison_and_its_neighbours_succ
     assert poison.attempts == 2 and not poison.retriable
     # The batch died once; then every request ran alone, the bad one dying a second time.
     assert engine.calls == [names, ["a"], ["b"], ["bad"], ["c"]]
+    assert engine.alone == [False, True, True, True, True]  # nothing beside a suspect
     assert [(source, error.attempts) for source, error in dead] == [(("req", 0, 2), 2)]
 
 
@@ -128,3 +134,36 @@ def test_poison_is_a_failure_clients_must_not_retry() -> None:
     error: ZImageError = PoisonRequestError("x", attempts=2)
     assert error.to_dict() == {"code": "poison_request", "message": "x", "retriable": False}
     assert error.status == "failed"
+
+
+async def test_a_call_that_fails_or_is_cancelled_counts_no_death(tmp_path: Path) -> None:
+    """Only a death counts: an error answered by the engine, or a worker that stops
+    waiting (shutdown), puts the counts back as they were."""
+    attempts = Attempts(FileAttempts(tmp_path / "a.json"), "g")
+    suspects = _suspects(attempts, [])
+    deliveries = _deliveries(2)
+    keys = [attempts.key(d) for d in deliveries]
+
+    async def fails(group: list[int], alone: bool) -> list[str]:
+        raise ValueError("the source could not be decoded")
+
+    with pytest.raises(ValueError):
+        await suspects.run(deliveries, [30.0, 30.0], fails)
+    assert await attempts.deaths(keys) == [0, 0]
+
+    started = asyncio.Event()
+
+    async def never_returns(group: list[int], alone: bool) -> list[str]:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    for _ in range(3):  # three shutdowns in a row: still no death
+        task = asyncio.create_task(suspects.run(deliveries, [30.0, 30.0], never_returns))
+        await started.wait()
+        started.clear()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert await attempts.deaths(keys) == [0, 0]
+    assert await Attempts(FileAttempts(tmp_path / "a.json"), "g").deaths(keys) == [0, 0]

@@ -104,13 +104,16 @@ class Erased:
 class Faults:
     """Faults the engine process injects, for tests: slow steps, running out of memory
     above an image count, and (for a job whose prompt contains the marker) a segfault, a
-    call that never returns, or killing the worker process itself."""
+    call that never returns, or killing the worker process itself; or a crash or a hang
+    while the model loads."""
 
     step_sleep_s: float = 0.0
     oom_over_images: int | None = None
     crash_on: str | None = None
     hang_on: str | None = None
     kill_worker_on: str | None = None
+    #: "crash" or "hang" while loading the model, before it reports
+    at_load: str | None = None
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,10 @@ class EngineChild:
         self._encoders = ThreadPoolExecutor(2, thread_name_prefix="engine-encode")
 
     def run(self) -> None:
+        if self._faults.at_load == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if self._faults.at_load == "hang":
+            threading.Event().wait()
         try:
             self._engine.load()
             if self._settings.warmup:

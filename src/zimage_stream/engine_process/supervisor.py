@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
@@ -115,9 +115,16 @@ class EngineProcess:
         self._caption: CaptionRule | None = None
         self._call_ids = itertools.count(1)
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="engine-send")
+        self._loading: _Child | None = None  # a process started and not yet loaded
         self._watchdog: asyncio.Task[None] | None = None
         self._restarting: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stopped = asyncio.Event()
+        # Admission: a call that must run alone waits until nothing else is inside.
+        self._admit = asyncio.Condition()
+        self._inside = 0
+        self._alone_waiting = 0
+        self._alone_running = False
         self.ready = asyncio.Event()
         #: engine restarts by reason ("crashed", "hung")
         self.restarts: Counter[str] = Counter()
@@ -168,15 +175,24 @@ class EngineProcess:
         return self._report
 
     async def stop(self) -> None:
-        """Stop the engine process: told first, killed if it does not go."""
+        """Stop the engine process: told first, killed if it does not go. Calls still
+        waiting fail with ``model_unavailable``."""
         self._stopping = True
+        self._stopped.set()
         self.ready.clear()
         for task in (self._watchdog, self._restarting):
             if task is not None:
                 task.cancel()
+        loop = asyncio.get_running_loop()
+        loading, self._loading = self._loading, None
+        if loading is not None:
+            await loop.run_in_executor(None, _kill_process, loading.process)
         child, self._child = self._child, None
         if child is not None:
-            await asyncio.get_running_loop().run_in_executor(None, _stop_process, child)
+            for call in child.calls.values():
+                if not call.future.done():
+                    call.future.set_exception(ModelUnavailableError("the worker is stopping"))
+            await loop.run_in_executor(None, _stop_process, child)
         self._sender.shutdown(wait=False)
 
     async def set_faults(self, faults: Faults) -> None:
@@ -194,50 +210,102 @@ class EngineProcess:
         budgets_s: list[float],
         image_format: str,
         on_step: StepCallback | None = None,
+        alone: bool = False,
     ) -> list[JobResult]:
-        """Each job's encoded images or error, as ``engine.runner.run_batch`` gives them."""
+        """Each job's encoded images or error, as ``engine.runner.run_batch`` gives them.
+        ``alone``: nothing else runs in the engine process meanwhile (a suspect's call)."""
 
         def message(call_id: int) -> GenerateCall:
             return GenerateCall(call_id, jobs, shape, budgets_s, image_format)
 
-        results: list[JobResult] = await self._call(message, budgets_s, on_step)
+        results: list[JobResult] = await self._call(message, budgets_s, on_step, alone)
         return results
 
     async def erase(
-        self, data: bytes, engine: str, languages: list[str], budget_s: float, image_format: str
+        self,
+        data: bytes,
+        engine: str,
+        languages: list[str],
+        budget_s: float,
+        image_format: str,
+        alone: bool = False,
     ) -> Erased:
         """The source image without its text, encoded, and the text regions found."""
 
         def message(call_id: int) -> EraseCall:
             return EraseCall(call_id, data, engine, languages, budget_s, image_format)
 
-        erased: Erased = await self._call(message, [budget_s], None)
+        erased: Erased = await self._call(message, [budget_s], None, alone)
         return erased
 
     async def _call(
-        self, message: Callable[[int], object], budgets_s: list[float], on_step: StepCallback | None
+        self,
+        message: Callable[[int], object],
+        budgets_s: list[float],
+        on_step: StepCallback | None,
+        alone: bool,
     ) -> Any:
-        while True:
-            child = await self._ready_child()
-            call_id = next(self._call_ids)
-            call = _Call(asyncio.get_running_loop().create_future(), budgets_s, on_step)
-            child.calls[call_id] = call
-            try:
-                await self._send(child, message(call_id))
-            except Exception as exc:  # the pipe broke: the child is dying, its exit will tell
-                log.warning("engine_send_failed", error=repr(exc))
-            try:
-                return await call.future
-            except _NotStarted:
-                continue  # it died before this call began: the next process takes it
-            finally:
-                child.calls.pop(call_id, None)
+        async with self._admission(alone):
+            while True:
+                child = await self._ready_child()
+                call_id = next(self._call_ids)
+                call = _Call(asyncio.get_running_loop().create_future(), budgets_s, on_step)
+                child.calls[call_id] = call
+                try:
+                    try:
+                        await self._send(child, message(call_id))
+                    except OSError as exc:  # the pipe broke: the child is dying, its exit tells
+                        log.warning("engine_send_failed", error=repr(exc))
+                    return await call.future
+                except _NotStarted:
+                    continue  # it died before this call began: the next process takes it
+                finally:
+                    child.calls.pop(call_id, None)
+
+    @contextlib.asynccontextmanager
+    async def _admission(self, alone: bool) -> AsyncIterator[None]:
+        """Let a call in: one that runs ``alone`` waits until no other call is inside and
+        holds the others back until it is done, so that if the process dies, it died of
+        that call."""
+        async with self._admit:
+            if alone:
+                self._alone_waiting += 1
+                try:
+                    await self._admit.wait_for(
+                        lambda: self._inside == 0 and not self._alone_running
+                    )
+                finally:
+                    self._alone_waiting -= 1
+                self._alone_running = True
+            else:
+                await self._admit.wait_for(
+                    lambda: not self._alone_running and self._alone_waiting == 0
+                )
+            self._inside += 1
+        try:
+            yield
+        finally:
+            async with self._admit:
+                self._inside -= 1
+                if alone:
+                    self._alone_running = False
+                self._admit.notify_all()
 
     async def _ready_child(self) -> _Child:
+        """The loaded engine process, once there is one (``model_unavailable`` when the
+        worker stops meanwhile)."""
         while True:
-            await self.ready.wait()
-            if self._child is not None:
+            if self._stopping:
+                raise ModelUnavailableError("the worker is stopping")
+            if self.ready.is_set() and self._child is not None:
                 return self._child
+            waits = [asyncio.ensure_future(e.wait()) for e in (self.ready, self._stopped)]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            await asyncio.sleep(0)
 
     async def _send(self, child: _Child, message: object) -> None:
         # Off the loop: a large erase source takes a while to write into the pipe.
@@ -246,6 +314,9 @@ class EngineProcess:
     # -- the child process -----------------------------------------------------------------
 
     async def _spawn(self) -> Loaded:
+        """Start an engine process and wait until it has loaded the model (at most
+        ``ZIMAGE_ENGINE_LOAD_TIMEOUT_S``); one that dies, fails or hangs while loading is
+        killed and the error raised. Only a loaded process becomes the current one."""
         loop = asyncio.get_running_loop()
         context: Any = multiprocessing.get_context(self._settings.start_method)
         if self._settings.start_method == "forkserver":
@@ -257,17 +328,33 @@ class EngineProcess:
             name="zimage-engine",
             daemon=True,
         )
-        await loop.run_in_executor(None, process.start)
-        theirs.close()  # so that the child's death reads as the end of the pipe
         child = _Child(process, ours, loop.create_future())
+        self._loading = child
+        try:
+            await loop.run_in_executor(None, process.start)
+            theirs.close()  # so that the child's death reads as the end of the pipe
+            threading.Thread(
+                target=self._read, args=(child, loop), name="engine-reader", daemon=True
+            ).start()
+            log.info("engine_process_started", pid=process.pid, method=self._settings.start_method)
+            timeout = self._settings.load_timeout_s
+            try:
+                loaded = await asyncio.wait_for(asyncio.shield(child.loaded), timeout)
+            except TimeoutError:
+                raise ModelUnavailableError(
+                    f"the engine process did not load the model within {timeout:g} s"
+                ) from None
+        except asyncio.CancelledError:  # killed on a thread of its own: no waiting here
+            threading.Thread(target=_kill_process, args=(process,), daemon=True).start()
+            raise
+        except BaseException:
+            await loop.run_in_executor(None, _kill_process, process)
+            raise
+        finally:
+            if self._loading is child:
+                self._loading = None
         self._child = child
-        threading.Thread(
-            target=self._read, args=(child, loop), name="engine-reader", daemon=True
-        ).start()
-        log.info(
-            "engine_process_started", pid=process.pid, start_method=self._settings.start_method
-        )
-        return await child.loaded
+        return loaded
 
     def _read(self, child: _Child, loop: asyncio.AbstractEventLoop) -> None:
         """On the reader thread: every message of ``child``, then its end."""
@@ -310,6 +397,7 @@ class EngineProcess:
     def _on_exit(self, child: _Child) -> None:
         code = child.process.exitcode
         if not child.loaded.done():
+            # Still loading: ``_spawn`` raises this, and whoever called it decides.
             child.loaded.set_exception(
                 ModelUnavailableError(f"the engine process exited with code {code} while loading")
             )
@@ -327,7 +415,8 @@ class EngineProcess:
                 call.future.set_exception(EngineDied(reason, now - call.started))
         self.ready.clear()
         self._child = None
-        self._restarting = asyncio.create_task(self._restart(reason), name="engine-restart")
+        if self._restarting is None or self._restarting.done():
+            self._restarting = asyncio.create_task(self._restart(reason), name="engine-restart")
 
     async def _restart(self, reason: str) -> None:
         self.restarts[reason] += 1
@@ -397,6 +486,8 @@ def _stop_process(child: _Child) -> None:
 
 def _kill_process(process: BaseProcess) -> None:
     """Blocking: SIGTERM, a short wait, then SIGKILL."""
+    if process.pid is None:
+        return  # never started
     process.terminate()
     process.join(STOP_WAIT_S)
     if process.is_alive():
