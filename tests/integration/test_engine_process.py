@@ -85,12 +85,23 @@ async def test_a_request_that_hangs_the_engine_is_timed_out_and_the_engine_resta
     others = [generate("a", "a lamp"), generate("b", "a vase")]
     engine = EngineProcess(settings.engine, settings.ocr, Faults(hang_on="HANG"))
     async with running_worker(settings, Worker(settings, engine=engine)) as worker:
+        readiness: list[bool] = []
+
+        async def watch_readiness() -> None:  # what /readyz says, every 50 ms
+            while True:
+                readiness.append(worker._readiness()["ready"])
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch_readiness())
         sent = time.monotonic()
         for request in [others[0], hung, others[1]]:
             await kafka_io.send(request, partition=0)
         results = _once_each(await kafka_io.results(3, timeout_s=180))
         answered_s = time.monotonic() - sent
         await _committed_to(kafka_io, 3)
+        watcher.cancel()
+        # Not ready while the engine process was started again, ready after.
+        assert readiness[0] and False in readiness and readiness[-1], readiness
         assert worker.engine_restarts() == {"hung": 1}
         report = worker.engine.report
         assert report.restart_reason == "hung" and report.restart_s is not None
