@@ -396,6 +396,12 @@ class Worker:
 
     async def _dead_letter_poison(self, delivery: Delivery, error: PoisonRequestError) -> None:
         """Dead-letter a request the engine died with too often (``suspects`` answers it)."""
+        await self._dead_letter(delivery, error, error.attempts)
+
+    async def _dead_letter(
+        self, delivery: Delivery, error: ZImageError, attempts: int | None = None
+    ) -> None:
+        """The record's original bytes and headers to the DLQ, with why."""
         record = delivery.record
         if await self._require_producer().dead_letter(
             record.value,
@@ -404,22 +410,14 @@ class Worker:
             error.code,
             error.message,
             delivery.headers,
-            attempts=error.attempts,
+            attempts,
         ):
             self.stats["dead_letters"] += 1
 
     async def _reject(self, delivery: Delivery, exc: RequestParseError) -> None:
         """Dead-letter a message that is not a valid request, and answer it when possible."""
         record = delivery.record
-        if await self._require_producer().dead_letter(
-            record.value,
-            record.key,
-            delivery.source,
-            exc.error.code,
-            exc.error.message,
-            delivery.headers,
-        ):
-            self.stats["dead_letters"] += 1
+        await self._dead_letter(delivery, exc.error)
         with bound_contextvars(request_id=exc.request_id):
             log.info("request_refused", code=exc.error.code, reason=exc.error.message)
             result = ResultEvent.build(

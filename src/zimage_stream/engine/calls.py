@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import InvalidRequestError, ZImageError, for_code
-from ..schemas import TextRegion
+from ..schemas import ModelInfo, TextRegion
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,12 @@ class LoadReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def model_info(self) -> ModelInfo:
+        """What made the images, as result events name it."""
+        return ModelInfo(
+            id=self.model_id, revision=self.revision, device=self.device, dtype=self.dtype
+        )
 
 
 @dataclass(frozen=True)

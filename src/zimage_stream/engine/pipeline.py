@@ -91,10 +91,7 @@ class ImageEngine:
 
     @property
     def model_info(self) -> ModelInfo:
-        report = self.report
-        return ModelInfo(
-            id=report.model_id, revision=report.revision, device=report.device, dtype=report.dtype
-        )
+        return self.report.model_info()
 
     def load(self) -> LoadReport:
         """Load the pipeline onto the chosen device with ``ZImagePipeline.from_pretrained``."""

@@ -146,10 +146,7 @@ class EngineProcess:
 
     @property
     def model_info(self) -> ModelInfo:
-        report = self.report
-        return ModelInfo(
-            id=report.model_id, revision=report.revision, device=report.device, dtype=report.dtype
-        )
+        return self.report.model_info()
 
     @property
     def caption_limit(self) -> int | None:
