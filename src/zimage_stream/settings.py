@@ -115,6 +115,10 @@ class EngineSettings(_Section):
     # torch.compile of the transformer's repeated blocks ("regional"): faster steps on a
     # GPU (bench/gpu_latency.py), at the price of compiling during warm-up and per new shape.
     compile: CompileMode = "off"
+    # Caption embeddings of this many recent prompts are kept on the device (0 = off):
+    # a repeated prompt (style presets make many) skips the text encoder. Exact: each
+    # prompt is encoded alone, so a cached embedding is the one a call would compute.
+    prompt_cache_size: int = Field(default=256, ge=0, le=100_000)
     warmup: bool = True
     warmup_size: int = Field(default=256, ge=64, le=2048, multiple_of=16)
     # torch threads on a CPU device; 0 = all cores but one, which the event loop keeps.

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine
 from zimage_stream.engine.device import needs_padding_mask, select_attention_backend
+from zimage_stream.engine.pipeline import PromptCache
 from zimage_stream.errors import ModelUnavailableError, ZImageError
 from zimage_stream.settings import EngineSettings
 
@@ -79,23 +81,23 @@ def test_batching_does_not_change_an_image_in_bf16(bf16_engine: ImageEngine) -> 
     assert np.array_equal(_pixels(alone), _pixels(batched))
 
 
-def test_each_distinct_prompt_is_encoded_once(
+def test_each_distinct_prompt_is_encoded_once_and_alone(
     engine: ImageEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pipe = engine._pipe
     calls: list[list[str]] = []
-    original = pipe.encode_prompt
+    original = pipe._encode_prompt
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(list(kwargs["prompt"]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pipe, "encode_prompt", spy)
-    engine.generate(
-        [GenerateJob("a mug", 2, 1), GenerateJob("a lamp", 1, 2), GenerateJob("a mug", 1, 3)],
-        BatchShape(256, 256, 1, 0.0),
-    )
-    assert calls == [["a mug", "a lamp"]]
+    monkeypatch.setattr(pipe, "_encode_prompt", spy)
+    jobs = [GenerateJob("a tin mug", 2, 1), GenerateJob("a brass lamp", 1, 2)]
+    engine.generate([*jobs, GenerateJob("a tin mug", 1, 3)], BatchShape(256, 256, 1, 0.0))
+    assert len(calls) == 2 and sorted(calls) == [["a brass lamp"], ["a tin mug"]]
+    engine.generate(jobs, BatchShape(256, 256, 1, 0.0))  # both cached now
+    assert len(calls) == 2
 
 
 def test_guidance_above_zero_runs_classifier_free_guidance(engine: ImageEngine) -> None:
@@ -170,3 +172,42 @@ def test_the_caption_rule_counts_as_the_pipelines_tokenizer_does(tiny_engine: Im
         )
         assert rule.tokens(prompt) == len(counter(templated).input_ids), prompt
     assert rule.limit == tiny_engine.caption_limit
+
+
+def test_the_prompt_cache_skips_the_text_encoder_and_changes_no_pixel(
+    tiny_model_dir: Path,
+) -> None:
+    """In bf16, where rounding shows: images made from cached embeddings are bit-identical
+    to those of an engine without the cache, and repeated prompts are not encoded again."""
+
+    def engine(cache_size: int) -> ImageEngine:
+        settings = EngineSettings(
+            model="tiny",
+            dtype="bfloat16",
+            tiny_model_dir=tiny_model_dir,
+            prompt_cache_size=cache_size,
+        )
+        loaded = ImageEngine(settings)
+        loaded.load()
+        return loaded
+
+    cached, plain = engine(8), engine(0)
+    shape = BatchShape(width=256, height=256, num_inference_steps=2, guidance_scale=0.0)
+    jobs = [GenerateJob("a white mug, studio light", 1, 7), GenerateJob("a desk lamp", 2, 8)]
+    cached.generate(jobs, shape)  # encodes both prompts, once each
+    from_cache = cached.generate(jobs, shape)
+    computed = plain.generate(jobs, shape)
+    for ours, theirs in zip(from_cache, computed, strict=True):
+        for mine, other in zip(ours, theirs, strict=True):
+            assert np.array_equal(np.asarray(mine), np.asarray(other))
+    assert (cached.prompt_cache.hits, cached.prompt_cache.misses) == (2, 2)
+    assert len(plain.prompt_cache) == 0 and cached.report.prompt_cache_size == 8
+
+
+def test_the_prompt_cache_forgets_the_least_recently_used() -> None:
+    cache = PromptCache(2)
+    for prompt in ("a", "b"):
+        cache.put(prompt, torch.zeros(1))
+    assert cache.get("a") is not None  # "b" is now the least recently used
+    cache.put("c", torch.ones(1))
+    assert cache.get("b") is None and cache.get("a") is not None and len(cache) == 2

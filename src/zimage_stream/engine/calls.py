@@ -50,6 +50,8 @@ class LoadReport:
     placement: str = "device"
     #: torch.compile applied: "off" or "regional" (the transformer's repeated blocks)
     compile: str = "off"
+    #: caption embeddings kept for repeated prompts (0 = off)
+    prompt_cache_size: int = 0
     #: how many times the engine process was started again, why the last time ("crashed"
     #: or "hung") and how long that start took (seconds, load and warm-up)
     restarts: int = 0

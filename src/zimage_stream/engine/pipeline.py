@@ -12,6 +12,7 @@ import os
 import re
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -71,6 +72,9 @@ class ImageEngine:
         self.caption_limit = MAX_CAPTION_TOKENS
         self._caption_rule: CaptionRule | None = None
         self.fault_hook: FaultHook | None = None
+        #: caption embeddings of recent prompts (one model per engine, so the styled
+        #: prompt is the whole key)
+        self.prompt_cache = PromptCache(settings.prompt_cache_size)
 
     @property
     def loaded(self) -> bool:
@@ -140,6 +144,7 @@ class ImageEngine:
             load_s=round(time.perf_counter() - started, 3),
             placement=placement,
             compile=settings.compile,
+            prompt_cache_size=settings.prompt_cache_size,
         )
         log.info("model_loaded", **self._report.as_dict())
         return self._report
@@ -276,20 +281,29 @@ class ImageEngine:
     def _encode_prompts(
         self, jobs: list[GenerateJob], shape: BatchShape
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        distinct = list(dict.fromkeys(job.prompt for job in jobs))
-        cfg = shape.guidance_scale > 0
-        # encode_prompt rewrites its list in place (chat template), so it gets a copy.
-        embeds, negatives = self._pipe.encode_prompt(
-            prompt=list(distinct),
-            device=self._pipe._execution_device,
-            do_classifier_free_guidance=cfg,
-        )
-        by_prompt = dict(zip(distinct, embeds, strict=True))
+        by_prompt = {
+            prompt: self._embedding(prompt) for prompt in dict.fromkeys(j.prompt for j in jobs)
+        }
         per_image = [by_prompt[job.prompt] for job in jobs for _ in range(job.num_images)]
-        if not cfg:
+        if shape.guidance_scale <= 0:
             return per_image, []
-        negative = negatives[0]
+        negative = self._embedding("")  # the pipeline's default negative prompt
         return per_image, [negative] * len(per_image)
+
+    def _embedding(self, prompt: str) -> torch.Tensor:
+        """``prompt``'s caption embedding, from the prompt cache or encoded alone: a batch
+        of one, so that it never depends on which prompts it was encoded with (the text
+        encoder's kernels round differently with the batch size) and a cached embedding
+        is the one that would have been computed."""
+        cached = self.prompt_cache.get(prompt)
+        if cached is not None:
+            return cached
+        # _encode_prompt rewrites its list in place (chat template): a list of its own.
+        (embedding,) = self._pipe._encode_prompt(
+            prompt=[prompt], device=self._pipe._execution_device
+        )
+        self.prompt_cache.put(prompt, embedding)
+        return embedding
 
     def step_callback(
         self, on_step: StepCallback | None, total: int, deadline: float | None
@@ -315,6 +329,39 @@ class ImageEngine:
         if backend in MASKLESS_BACKENDS and needs_padding_mask(caption_lengths):
             return _AttentionScope(self._pipe.transformer, "native", backend)
         return _AttentionScope(self._pipe.transformer, None, backend)
+
+
+class PromptCache:
+    """The ``size`` most recently used caption embeddings, by styled prompt (0 = off).
+
+    Style presets make prompts repeat, and the text encoder (Qwen3-4B on Z-Image-Turbo)
+    encodes 512 padded tokens for each. Embeddings stay on the model's device."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, prompt: str) -> torch.Tensor | None:
+        entry = self._entries.get(prompt)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(prompt)
+        self.hits += 1
+        return entry
+
+    def put(self, prompt: str, embedding: torch.Tensor) -> None:
+        if self.size <= 0:
+            return
+        self._entries[prompt] = embedding
+        self._entries.move_to_end(prompt)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class _AttentionScope:

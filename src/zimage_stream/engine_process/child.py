@@ -129,6 +129,8 @@ class EngineChild:
     def _generate(self, call: GenerateCall) -> None:
         self._send(Started(call.call_id))
         stats = RunStats()
+        cache = self._engine.prompt_cache
+        hits, misses = cache.hits, cache.misses
         try:
             self._inject([job.prompt for job in call.jobs])
 
@@ -142,12 +144,16 @@ class EngineChild:
             log.exception("engine_call_failed")
             self._send(Done(call.call_id, error=WireError.of(as_error(exc, "inference"))))
             return
+        counts = asdict(stats)
+        counts.update(
+            prompt_cache_hits=cache.hits - hits, prompt_cache_misses=cache.misses - misses
+        )
         # Encoding leaves the device thread: the next call starts while this one's images
         # are compressed.
-        self._encoders.submit(self._finish_generate, call, outcomes, stats)
+        self._encoders.submit(self._finish_generate, call, outcomes, counts)
 
     def _finish_generate(
-        self, call: GenerateCall, outcomes: list[JobOutcome], stats: RunStats
+        self, call: GenerateCall, outcomes: list[JobOutcome], stats: dict[str, int]
     ) -> None:
         try:
             results = [
@@ -160,7 +166,7 @@ class EngineChild:
                 )
                 for outcome in outcomes
             ]
-            done = Done(call.call_id, results=results, stats=asdict(stats))
+            done = Done(call.call_id, results=results, stats=stats)
         except Exception as exc:
             log.exception("encoding_failed")
             done = Done(call.call_id, error=WireError.of(as_error(exc, "encoding the images")))
