@@ -13,6 +13,7 @@ from .cache import CacheEntry, content_key
 from .consumer import Delivery
 from .dedup import Answer, Dedup
 from .engine import BatchShape, GenerateJob, JobResult
+from .engine.calls import CAPTION_MULTIPLE
 from .engine_process import EngineProcess
 from .errors import as_error
 from .schemas import GenerateRequest, ModelInfo, Provenance, ResultEvent
@@ -29,9 +30,13 @@ class Pending:
     job: GenerateJob
     content_key: str
     arrived_at: float  # wall-clock seconds: submitted_at, else the broker's timestamp
+    #: the styled prompt's caption length in tokens (0 when unknown)
+    caption_tokens: int = 0
 
     @classmethod
-    def admit(cls, delivery: Delivery, request: GenerateRequest, model: ModelInfo) -> Pending:
+    def admit(
+        cls, delivery: Delivery, request: GenerateRequest, model: ModelInfo, caption_tokens: int = 0
+    ) -> Pending:
         params = request.params
         job = GenerateJob(
             prompt=style_prompt(params.prompt, params.style),
@@ -39,7 +44,8 @@ class Pending:
             seed=params.resolved_seed(),
         )
         key = content_key(request, model)
-        return cls(delivery, request, job, key, request.arrived_at(delivery.record.timestamp))
+        arrived = request.arrived_at(delivery.record.timestamp)
+        return cls(delivery, request, job, key, arrived, caption_tokens)
 
     @property
     def shape(self) -> BatchShape:
@@ -48,6 +54,15 @@ class Pending:
         return BatchShape(
             params.width, params.height, params.num_inference_steps, params.guidance_scale
         )
+
+    @property
+    def batch_key(self) -> tuple[BatchShape, int]:
+        """What requests batched together share: the call's shape and the caption-length
+        bucket (the transformer pads captions to multiples of ``CAPTION_MULTIPLE`` tokens and
+        masks attention only when they differ, which changes pixels by rounding). Within
+        one bucket an image is the same whatever its batch mates, so a crash-replay that
+        batches differently writes the same objects, and mask-free kernels apply."""
+        return self.shape, -(-self.caption_tokens // CAPTION_MULTIPLE)
 
     @property
     def provenance(self) -> Provenance:

@@ -233,21 +233,24 @@ class Worker:
             return
         try:
             request = parse_request(delivery.record.value, self._settings.kafka.max_message_bytes)
+            caption_tokens = 0
             if isinstance(request, GenerateRequest):
-                self._check_caption(request)
+                caption_tokens = self._check_caption(request)
         except RequestParseError as exc:
             self._spawn(self._reject(delivery, exc))
             return
         if isinstance(request, EraseTextRequest):
             self._spawn(self._erase(delivery, request))
             return
-        self._spawn(self._route(Pending.admit(delivery, request, self._engine.model_info)))
+        model = self._engine.model_info
+        self._spawn(self._route(Pending.admit(delivery, request, model, caption_tokens)))
 
-    def _check_caption(self, request: GenerateRequest) -> None:
-        """A prompt longer than the model takes is refused before it is batched."""
+    def _check_caption(self, request: GenerateRequest) -> int:
+        """The prompt's caption length in tokens; one longer than the model takes is
+        refused before it is batched."""
         params = request.params
         try:
-            self._engine.check_caption(style_prompt(params.prompt, params.style))
+            return self._engine.check_caption(style_prompt(params.prompt, params.style))
         except ZImageError as exc:
             raise RequestParseError(exc, request.request_id, request.task) from None
 
@@ -273,7 +276,7 @@ class Worker:
 
     def _enqueue(self, pending: Pending) -> None:
         params = pending.request.params
-        self._batcher.add(pending, pending.shape, params.num_images, time.monotonic())
+        self._batcher.add(pending, pending.batch_key, params.num_images, time.monotonic())
         self._batch_added.set()
 
     # -- the engine loop -------------------------------------------------------------------

@@ -1,6 +1,14 @@
+import json
+from types import SimpleNamespace
+from typing import cast
+
 import pytest
 
 from zimage_stream.batcher import Batcher
+from zimage_stream.client import generate_request
+from zimage_stream.consumer import Delivery
+from zimage_stream.generations import Pending
+from zimage_stream.schemas import GenerateRequest, ModelInfo, parse_request
 
 A, B = ("generate", 512), ("generate", 1024)
 
@@ -76,3 +84,24 @@ def test_invalid_limits_are_refused() -> None:
         Batcher(window_s=-1, max_images=1)
     with pytest.raises(ValueError):
         Batcher(window_s=0, max_images=0)
+
+
+def _pending(request_id: str, caption_tokens: int) -> Pending:
+    request = parse_request(json.dumps(generate_request("a mug", request_id)).encode(), 10**6)
+    assert isinstance(request, GenerateRequest)
+    delivery = cast(Delivery, SimpleNamespace(record=SimpleNamespace(timestamp=0)))
+    model = ModelInfo(id="tiny", revision=None, device="cpu", dtype="float32")
+    return Pending.admit(delivery, request, model, caption_tokens)
+
+
+def test_requests_batch_only_with_captions_of_their_length_bucket() -> None:
+    """Captions pad to multiples of 32 tokens; batch mates of another bucket would need an
+    attention mask, which changes an image's pixels by rounding."""
+    batcher: Batcher[Pending] = Batcher(window_s=0.05, max_images=8)
+    for request_id, tokens in [("short", 20), ("long", 40), ("short-too", 32), ("long-too", 64)]:
+        pending = _pending(request_id, tokens)
+        batcher.add(pending, pending.batch_key, 1, now=0)
+    batches = []
+    while (batch := batcher.take(1.0)) is not None:
+        batches.append(sorted(p.request.request_id for p in batch.items))
+    assert sorted(batches) == [["long", "long-too"], ["short", "short-too"]]

@@ -14,6 +14,10 @@ from typing import Any
 from ..errors import InvalidRequestError, ZImageError, for_code
 from ..schemas import ModelInfo, TextRegion
 
+#: Z-Image's transformer pads each caption to a multiple of this many tokens, and masks
+#: attention only when a batch's padded lengths differ
+CAPTION_MULTIPLE = 32
+
 
 @dataclass(frozen=True)
 class GenerateJob:
@@ -138,8 +142,9 @@ class CaptionRule:
     def tokens(self, prompt: str) -> int:
         return len(self._tokenizer.encode(self.prefix + prompt + self.suffix).ids)
 
-    def check(self, prompt: str) -> None:
-        """Raise ``invalid_request`` when ``prompt`` (styled) is longer than the model takes.
+    def check(self, prompt: str) -> int:
+        """``prompt``'s caption length in tokens (styled, in its chat template); raise
+        ``invalid_request`` when it is longer than the model takes.
 
         Past the limit the pipeline would cut the caption silently (losing the style text
         at its end) or, where the transformer has fewer caption positions, fail the whole
@@ -151,6 +156,7 @@ class CaptionRule:
                 f"params.prompt: {tokens} tokens with its style text and chat template; this "
                 f"model takes at most {self.limit} (shorten the prompt)"
             )
+        return tokens
 
     @functools.cached_property
     def _tokenizer(self) -> Any:

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .calls import CAPTION_MULTIPLE
+
 #: attention backends whose kernels accept no attention mask
 MASKLESS_BACKENDS = frozenset({"flash", "_flash_3", "_native_flash"})
 
@@ -49,7 +51,7 @@ def select_attention_backend(requested: str, device: str) -> str:
     return "native"
 
 
-def needs_padding_mask(caption_lengths: list[int], multiple: int = 32) -> bool:
+def needs_padding_mask(caption_lengths: list[int], multiple: int = CAPTION_MULTIPLE) -> bool:
     """Whether Z-Image's transformer builds an attention mask for these captions.
 
     It pads every caption to a multiple of 32 tokens and masks only when the padded

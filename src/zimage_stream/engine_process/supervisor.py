@@ -156,10 +156,10 @@ class EngineProcess:
     def pid(self) -> int | None:
         return None if self._child is None else self._child.process.pid
 
-    def check_caption(self, prompt: str) -> None:
-        """``invalid_request`` when ``prompt`` (styled) is longer than the model takes."""
-        if self._caption is not None:
-            self._caption.check(prompt)
+    def check_caption(self, prompt: str) -> int:
+        """``prompt``'s caption length in tokens (styled); ``invalid_request`` when it is
+        longer than the model takes."""
+        return 0 if self._caption is None else self._caption.check(prompt)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
