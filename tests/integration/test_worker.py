@@ -24,12 +24,14 @@ async def test_mixed_requests_succeed_and_compatible_ones_share_calls(
 ) -> None:
     settings = settings.replace(batch_window_ms=1500, max_batch_size=8)
     requests = [
-        generate("small-1", style="festive", num_images=2),
+        generate("small-1", num_images=2),
         generate("wide-1", "a desk lamp", width=320, height=256),
-        generate("small-2", "a leather bag", style="luxury_dark"),
-        generate("wide-2", "a sneaker", width=320, height=256, style="natural_outdoor"),
+        generate("small-2", "a leather bag"),
+        generate("wide-2", "a sneaker", width=320, height=256),
         generate("small-3", "a teapot", num_images=3),
-        generate("wide-3", "a phone", width=320, height=256, style="tech_futuristic"),
+        generate("wide-3", "a phone", width=320, height=256),
+        # Its style text makes its caption longer than 32 tokens: a call of its own.
+        generate("styled", "a leather bag", style="luxury_dark"),
     ]
     async with running_worker(settings) as worker:
         with capture_logs() as logs:
@@ -50,10 +52,10 @@ async def test_mixed_requests_succeed_and_compatible_ones_share_calls(
             assert (ref["width"], ref["height"]) == (params["width"], params["height"])
             assert ref["content_type"] == "image/png" and ref["sha256"] in ref["uri"]
             assert _path(ref["uri"]).stat().st_size == ref["size_bytes"]
-    # Two sizes, each within one window: two pipeline calls for six requests.
+    # Two sizes and two caption-length buckets, each within one window: three calls.
     batches = [e for e in logs if e["event"] == "batch_done"]
-    assert sorted((b["width"], b["requests"]) for b in batches) == [(256, 3), (320, 3)]
-    assert worker.stats["batches"] == 2
+    assert sorted((b["width"], b["requests"]) for b in batches) == [(256, 1), (256, 3), (320, 3)]
+    assert worker.stats["batches"] == 3
 
 
 async def test_same_seed_gives_the_same_objects(settings: Settings, kafka_io: KafkaIO) -> None:
