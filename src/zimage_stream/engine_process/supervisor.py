@@ -363,6 +363,7 @@ class EngineProcess:
             if not _call_soon(loop, self._on_message, child, message):
                 return
         child.process.join()
+        child.conn.close()  # one pipe per process: none is left open after it
         _call_soon(loop, self._on_exit, child)
 
     def _on_message(self, child: _Child, message: object) -> None:
