@@ -154,7 +154,9 @@ class EngineProcess:
 
     @property
     def pid(self) -> int | None:
-        return None if self._child is None else self._child.process.pid
+        """The engine process's id, also while it loads."""
+        child = self._child or self._loading
+        return None if child is None else child.process.pid
 
     def check_caption(self, prompt: str) -> int:
         """``prompt``'s caption length in tokens (styled); ``invalid_request`` when it is
