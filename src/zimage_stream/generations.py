@@ -16,9 +16,11 @@ from .engine import BatchShape, GenerateJob, JobResult
 from .engine.calls import CAPTION_MULTIPLE
 from .engine_process import EngineProcess
 from .errors import as_error
+from .progress import StepReport
 from .schemas import GenerateRequest, ModelInfo, Provenance, ResultEvent
 from .storage import Storage
 from .styles import style_prompt
+from .suspects import Suspects
 
 
 @dataclass(eq=False)
@@ -81,7 +83,36 @@ class Generations:
     engine: EngineProcess
     storage: Storage
     dedup: Dedup
+    suspects: Suspects
     image_format: str
+
+    async def infer(
+        self, items: list[Pending], budgets_s: list[float], progress: StepReport | None
+    ) -> list[JobResult]:
+        """Each request's encoded images or error: one engine call for the batch, through
+        ``suspects`` (which runs a suspect alone and answers a poison request)."""
+        shape = items[0].shape
+
+        async def call(group: list[int], alone: bool) -> list[JobResult]:
+            """One engine call for the requests ``group`` (indices into ``items``)."""
+            on_step = None
+            if progress is not None:
+                report = progress
+
+                def on_step(jobs: list[int], step: int, total: int) -> None:
+                    report([group[j] for j in jobs], step, total)
+
+            return await self.engine.generate(
+                [items[i].job for i in group],
+                shape,
+                [budgets_s[i] for i in group],
+                self.image_format,
+                on_step,
+                alone,
+            )
+
+        answers = await self.suspects.run([p.delivery for p in items], budgets_s, call)
+        return [a if isinstance(a, JobResult) else JobResult(error=a) for a in answers]
 
     async def answer(self, pending: Pending, outcome: JobResult, started_at: float) -> ResultEvent:
         """The result of a batch item: its images stored and settled, or its error."""

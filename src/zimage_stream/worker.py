@@ -96,7 +96,9 @@ class Worker:
             self.attempts, settings.engine.poison_attempts, self._dead_letter_poison
         )
         image_format = settings.storage.image_format
-        self.generations = Generations(self._engine, self._storage, self.dedup, image_format)
+        self.generations = Generations(
+            self._engine, self._storage, self.dedup, self.suspects, image_format
+        )
         self.erasures = Erasures(
             self._engine,
             self._storage,
@@ -315,26 +317,9 @@ class Worker:
             loop = asyncio.get_running_loop()
             progress = step_reporter(self._require_producer(), request_ids, loop, self._spawn)
 
-        async def call(group: list[int], alone: bool) -> list[JobResult]:
-            """One engine call for the requests ``group`` (indices into the batch)."""
-
-            def on_step(jobs: list[int], step: int, total: int) -> None:
-                if progress is not None:
-                    progress([group[j] for j in jobs], step, total)
-
-            return await self._engine.generate(
-                [items[i].job for i in group],
-                shape,
-                [budgets[i] for i in group],
-                self._settings.storage.image_format,
-                on_step if progress is not None else None,
-                alone,
-            )
-
         started_wall, started = time.time(), time.perf_counter()
         try:
-            answers = await self.suspects.run([p.delivery for p in items], budgets, call)
-            outcomes = [a if isinstance(a, JobResult) else JobResult(error=a) for a in answers]
+            outcomes = await self.generations.infer(items, budgets, progress)
         except Exception as exc:
             if not isinstance(exc, ZImageError):
                 log.exception("inference_failed")
