@@ -69,6 +69,9 @@ async def test_a_request_that_segfaults_the_engine_is_poison_and_its_neighbours_
         # It died inside the batch, then alone: two deaths, two restarts, and ready again.
         assert worker.engine_restarts() == {"crashed": 2}
         assert worker.engine.report.restarts == 2 and worker.engine.ready.is_set()
+        metrics = worker.metrics.exposition().decode()
+        assert 'zimage_engine_restarts_total{reason="crashed"} 2.0' in metrics
+        assert 'zimage_engine_restarts_total{reason="hung"} 0.0' in metrics
     assert results["poison"]["status"] == "failed"
     assert results["poison"]["error"]["code"] == "poison_request"
     assert results["poison"]["error"]["retriable"] is False
