@@ -7,12 +7,13 @@ The stages overlap so the device never waits on I/O:
   fast path (``dedup``) answers repeats from the cache and joins identical work in
   flight; the rest of ``generate`` is batched, and ``erase_text`` is erased off the loop;
 * **engine loop**: whenever the device is free it takes the oldest ready batch and sends
-  it to the engine process (``engine.supervisor``), so heartbeats, fetching and cache hits
+  it to the engine process (``engine_process``), so heartbeats, fetching and cache hits
   go on during inference and a request that crashes or hangs the model takes only that
   process with it (``suspects`` decides what becomes of the requests inside);
-* **finish**: each finished batch is encoded, stored, settled in the fast path and
-  published by its own task while the next batch is already on the device. The consumer
-  commits offsets up to the lowest record whose result is not acknowledged.
+* **finish**: each finished batch's images (encoded in the engine process) are stored,
+  settled in the fast path and published by its own task while the next batch is
+  already on the device. The consumer commits offsets up to the lowest record whose
+  result is not acknowledged.
 
 Errors become data at one boundary per path (``_route``, ``Generations.answer``,
 ``Erasures.answer``, ``_reject``): every request gets exactly one result event per
@@ -92,9 +93,7 @@ class Worker:
             attempt_store(settings.cache.redis_url, settings.engine.attempts_file),
             settings.kafka.group_id,
         )
-        self.suspects = Suspects(
-            self.attempts, settings.engine.poison_attempts, self._dead_letter_poison
-        )
+        self.suspects = Suspects(self.attempts, settings.engine.poison_attempts, self._dead_letter)
         image_format = settings.storage.image_format
         self.generations = Generations(
             self._engine, self._storage, self.dedup, self.suspects, image_format
@@ -382,15 +381,11 @@ class Worker:
 
     # -- refusals ----------------------------------------------------------------------------
 
-    async def _dead_letter_poison(self, delivery: Delivery, error: PoisonRequestError) -> None:
-        """Dead-letter a request the engine died with too often (``suspects`` answers it)."""
-        await self._dead_letter(delivery, error, error.attempts)
-
-    async def _dead_letter(
-        self, delivery: Delivery, error: ZImageError, attempts: int | None = None
-    ) -> None:
-        """The record's original bytes and headers to the DLQ, with why."""
+    async def _dead_letter(self, delivery: Delivery, error: ZImageError) -> None:
+        """The record's original bytes and headers to the DLQ, with why (and, for a poison
+        request, how many times the engine died with it)."""
         record = delivery.record
+        attempts = error.attempts if isinstance(error, PoisonRequestError) else None
         if await self._require_producer().dead_letter(
             record.value,
             record.key,

@@ -39,6 +39,7 @@ from ..engine.calls import (
 )
 from ..engine.pipeline import ImageEngine
 from ..engine.runner import JobOutcome, RunStats, run_batch
+from ..erase import decode_image
 from ..errors import ZImageError, as_error
 from ..imaging import encode_image
 from ..logs import configure_logging
@@ -173,8 +174,6 @@ class EngineChild:
         self._send(done)
 
     def _erase(self, call: EraseCall) -> None:
-        from ..erase import decode_image  # the erase room loads OCR models: only here
-
         self._send(Started(call.call_id))
         try:
             deadline = time.monotonic() + call.budget_s  # from when decoding starts
