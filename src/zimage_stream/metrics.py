@@ -42,6 +42,7 @@ class WorkerState(Protocol):
     def in_flight(self) -> int: ...
     def undelivered(self) -> dict[str, int]: ...
     def engine_restarts(self) -> dict[str, int]: ...
+    def engine_stats(self) -> dict[str, int]: ...
 
 
 class WorkerMetrics:
@@ -141,6 +142,21 @@ class _StateCollector(Collector):
         for reason in ("crashed", "hung"):
             restarts.add_metric([reason], state.engine_restarts().get(reason, 0))
         yield restarts
+        prompts = CounterMetricFamily(
+            "zimage_prompt_cache",
+            "Caption embeddings taken from the engine's prompt cache (hit) or encoded (miss)",
+            labels=["result"],
+        )
+        engine = state.engine_stats()
+        for result, key in (("hit", "prompt_cache_hits"), ("miss", "prompt_cache_misses")):
+            prompts.add_metric([result], engine.get(key, 0))
+        yield prompts
+        misses = CounterMetricFamily(
+            "zimage_compile_misses",
+            "Model calls run eager because no compiled graph covered their shape",
+        )
+        misses.add_metric([], engine.get("compile_misses", 0))
+        yield misses
 
 
 Route = Callable[[], tuple[int, str, bytes]]

@@ -29,7 +29,7 @@ Device = Literal["auto", "cuda", "mps", "cpu"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 DType = Literal["bfloat16", "float16", "float32"]
-AttentionBackend = Literal["auto", "native", "flash", "_native_flash", "_flash_3"]
+AttentionBackend = Literal["auto", "native", "flash", "_native_flash", "_flash_3", "_native_cudnn"]
 CompileMode = Literal["off", "regional"]
 
 
@@ -115,6 +115,14 @@ class EngineSettings(_Section):
     # torch.compile of the transformer's repeated blocks ("regional"): faster steps on a
     # GPU (bench/gpu_latency.py), at the price of compiling during warm-up and per new shape.
     compile: CompileMode = "off"
+    # Where compiled kernels are kept (Inductor's and Triton's caches), so a restarted
+    # worker reuses them instead of compiling again; empty = a temporary folder.
+    compile_cache_dir: Path | None = None
+    # torch.compile of the VAE's decoder too (with ZIMAGE_COMPILE=regional).
+    compile_vae: bool = False
+    # "fp8": torchao float8 on the transformer's attention and feed-forward layers (CUDA,
+    # compute capability 8.9+); elsewhere the model runs unquantized and /readyz says why.
+    quantization: Literal["none", "fp8"] = "none"
     # Caption embeddings of this many recent prompts are kept on the device (0 = off):
     # a repeated prompt (style presets make many) skips the text encoder. Exact: each
     # prompt is encoded alone, so a cached embedding is the one a call would compute.

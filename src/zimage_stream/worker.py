@@ -142,13 +142,21 @@ class Worker:
     def engine_restarts(self) -> dict[str, int]:
         return dict(self._engine.restarts)
 
+    def engine_stats(self) -> dict[str, int]:
+        return dict(self._engine.run_stats)
+
     def _readiness(self) -> dict[str, Any]:
         """Ready once the model is loaded and warm and the group is joined; not while the
         engine process is started again."""
         report = self._engine.report.as_dict() if self._engine.loaded else None
         ready = self.ready.is_set() and self._engine.ready.is_set()
         ready = ready and not self._stopping.is_set()
-        return {"ready": ready, "broker_connected": self._consumer is not None, "model": report}
+        return {
+            "ready": ready,
+            "broker_connected": self._consumer is not None,
+            "model": report,
+            "engine_calls": self.engine_stats(),
+        }
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -86,11 +86,19 @@ async def test_metrics_expose_the_named_series_and_they_move(
         await kafka_io.send(generate("m-repeat", "a stool 0"))  # same content: a cache hit
         await kafka_io.send(b"not json")  # dead-lettered
         await kafka_io.results(5)
+        # Another seed: not a cached result, but the prompt's embedding is cached.
+        await kafka_io.send(generate("m-seed", "a stool 0", seed=99))
+        await kafka_io.results(6)
         await asyncio.sleep(0.2)
         status, after = await get(port, "/metrics")
+        _, ready = await get(port, "/readyz")
     assert status == 200
     succeeded = 'zimage_requests_total{status="succeeded",task="generate"}'
-    assert _value(after, succeeded) == 4
+    assert _value(after, succeeded) == 5
+    assert _value(after, 'zimage_prompt_cache_total{result="hit"}') == 1
+    assert _value(after, 'zimage_prompt_cache_total{result="miss"}') == 3
+    assert _value(after, "zimage_compile_misses_total") == 0
+    assert json.loads(ready)["engine_calls"]["prompt_cache_hits"] == 1
     assert _value(after, 'zimage_requests_total{status="rejected",task="unknown"}') == 1
     assert _value(after, "zimage_cache_hits_total") >= 1 > _value(before, "zimage_cache_hits_total")
     assert _value(after, "zimage_cache_misses_total") >= 3

@@ -8,10 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine
+from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine, device
+from zimage_stream.engine.compilation import CompiledCalls
 from zimage_stream.engine.device import needs_padding_mask, select_attention_backend
 from zimage_stream.engine.pipeline import PromptCache
+from zimage_stream.engine.quantization import fp8_targets
 from zimage_stream.errors import ModelUnavailableError, ZImageError
 from zimage_stream.settings import EngineSettings
 
@@ -32,6 +35,10 @@ def engine(tiny_model_dir: Path) -> ImageEngine:
 @pytest.fixture(scope="module")
 def bf16_engine(tiny_model_dir: Path) -> ImageEngine:
     return _engine(tiny_model_dir, "bfloat16")
+
+
+def _flat(nested: list[list[Image.Image]]) -> list[Image.Image]:
+    return [image for images in nested for image in images]
 
 
 def _pixels(image) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -119,28 +126,113 @@ def test_a_missing_model_is_model_unavailable(tmp_path: Path) -> None:
     assert info.value.retriable
 
 
-def test_attention_backend_choice() -> None:
-    assert select_attention_backend("auto", "cpu") == "native"
-    assert select_attention_backend("_native_flash", "cuda") == "_native_flash"
+def test_attention_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert select_attention_backend("auto", "cpu") == ("native", "auto: PyTorch SDPA on cpu")
+    assert select_attention_backend("_native_flash", "cuda")[0] == "_native_flash"
+    # auto on CUDA: the fastest kernel the machine has, and why.
+    installed: set[str] = set()
+    monkeypatch.setattr(device, "_installed", lambda package: package in installed)
+    capability = (9, 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: capability)
+    assert select_attention_backend("auto", "cuda") == (
+        "_native_cudnn",
+        "auto: cuDNN attention on sm90 (no flash-attn package)",
+    )
+    installed.add("flash_attn")
+    assert select_attention_backend("auto", "cuda")[0] == "flash"
+    installed.add("flash_attn_interface")
+    assert select_attention_backend("auto", "cuda")[0] == "_flash_3"
+    capability = (8, 0)  # FlashAttention 3 is for Hopper
+    assert select_attention_backend("auto", "cuda")[0] == "flash"
+    installed.clear()
+    assert select_attention_backend("auto", "cuda")[0] == "native"
     assert not needs_padding_mask([10, 20, 32])  # all pad to 32 tokens
     assert needs_padding_mask([10, 40])
 
 
-def test_regional_compile_is_applied_and_draws_the_same_picture(
-    engine: ImageEngine, tiny_model_dir: Path
+def test_fp8_takes_the_blocks_projections_and_leaves_the_rest(engine: ImageEngine) -> None:
+    transformer = engine.pipeline.transformer
+    targets = fp8_targets(transformer)
+    linear = {n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    kept = linear - set(targets)
+    for block in ("layers.0", "noise_refiner.0", "context_refiner.0"):
+        for layer in ("to_q", "to_k", "to_v", "to_out.0"):
+            assert f"{block}.attention.{layer}" in targets
+        for layer in ("w1", "w2", "w3"):
+            ff = transformer.get_submodule(f"{block}.feed_forward.{layer}")
+            # float8 matmuls take sides that are multiples of 16 (the real model's all
+            # are; the miniature's feed-forward is not)
+            fits = ff.in_features % 16 == 0 and ff.out_features % 16 == 0
+            assert (f"{block}.feed_forward.{layer}" in targets) == fits
+    assert all(
+        "adaLN" in name or "embedder" in name or "final_layer" in name or "feed_forward" in name
+        for name in kept
+    ), kept
+    assert any("adaLN" in name for name in kept) and any("final_layer" in name for name in kept)
+
+
+def test_fp8_where_it_cannot_run_is_reported_not_fatal(tiny_model_dir: Path) -> None:
+    engine = ImageEngine(
+        EngineSettings(
+            model="tiny", dtype="float32", tiny_model_dir=tiny_model_dir, quantization="fp8"
+        )
+    )
+    report = engine.load()
+    assert report.quantization == "none"
+    assert report.quantization_reason == "fp8 needs a CUDA device (running on cpu)"
+    assert engine.generate([GenerateJob("a mug", 1, 0)], BatchShape(64, 64, 1, 0.0))
+
+
+def test_compiled_graphs_made_at_warm_up_cover_new_shapes_and_are_kept_on_disk(
+    engine: ImageEngine, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     compiled = ImageEngine(
         EngineSettings(
-            model="tiny", dtype="float32", tiny_model_dir=tiny_model_dir, compile="regional"
+            model="tiny",
+            dtype="float32",
+            tiny_model_dir=tiny_model_dir,
+            compile="regional",
+            compile_cache_dir=tmp_path / "compiled",
+            warmup_size=64,
         )
     )
-    compiled.load()
-    assert compiled.report.compile == "regional" and engine.report.compile == "off"
-    shape = BatchShape(width=256, height=256, num_inference_steps=2, guidance_scale=0.0)
-    job = GenerateJob("a mug", 1, 3)
-    plain = _pixels(engine.generate([job], shape)[0][0]).astype(int)
-    fast = _pixels(compiled.generate([job], shape)[0][0]).astype(int)
-    assert np.abs(plain - fast).max() <= 2  # the same picture, to float rounding
+    report = compiled.load()
+    assert report.compile == "regional" and engine.report.compile == "off"
+    assert report.compile_cache == str(tmp_path / "compiled")
+    compiled.warm_up()
+    assert any((tmp_path / "compiled" / "inductor").rglob("*.py"))  # kernels on disk
+    # Batch sizes, image sizes and caption lengths the warm-up never ran, one caption bucket
+    # per call as the worker batches: no compile, no miss, the same pictures.
+    shape = BatchShape(width=96, height=128, num_inference_steps=2, guidance_scale=0.0)
+    for jobs in (
+        [GenerateJob("a mug", 2, 3), GenerateJob("a cup", 1, 4)],
+        [GenerateJob("a red mug on a desk " * 6, 3, 5)],
+    ):
+        fast = compiled.generate(jobs, shape)
+        assert compiled.compiled.misses == 0
+        _assert_same_pictures(fast, engine.generate(jobs, shape))
+    # Captions of two buckets in one call need an attention mask: a graph the warm-up did
+    # not make, so the call runs eager and is counted, and draws the same pictures.
+    mixed = [GenerateJob("a mug", 1, 3), GenerateJob("a red mug on a desk " * 6, 1, 4)]
+    fast = compiled.generate(mixed, shape)
+    assert compiled.compiled.misses == 1
+    _assert_same_pictures(fast, engine.generate(mixed, shape))
+
+
+def _assert_same_pictures(ours: list[list[Image.Image]], theirs: list[list[Image.Image]]) -> None:
+    for a, b in zip(_flat(ours), _flat(theirs), strict=True):
+        assert np.abs(_pixels(a).astype(int) - _pixels(b).astype(int)).max() <= 2  # rounding
+
+
+def test_a_call_the_graphs_do_not_cover_runs_eager_and_is_counted() -> None:
+    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    calls = CompiledCalls(enabled=True)
+    assert calls.run(lambda: double(torch.ones(2)), "2").tolist() == [2, 2]
+    calls.warmed()
+    assert calls.run(lambda: double(torch.ones(2)), "2").tolist() == [2, 2]
+    assert calls.misses == 0
+    assert calls.run(lambda: double(torch.ones(3)), "3").tolist() == [2, 2, 2]
+    assert calls.misses == 1
 
 
 def test_a_caption_longer_than_the_model_takes_is_refused_before_it_runs(

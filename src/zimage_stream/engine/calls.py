@@ -48,12 +48,21 @@ class LoadReport:
     dtype: str
     attention_backend: str
     load_s: float
+    #: why that backend: "set by ZIMAGE_ATTENTION_BACKEND", or what ``auto`` found
+    attention_reason: str = ""
     warmup_s: float | None = None
     #: where the weights live: "device", "model_cpu_offload" (GPU memory ran out at load)
     #: or "cpu" (it ran out with offloading too)
     placement: str = "device"
     #: torch.compile applied: "off" or "regional" (the transformer's repeated blocks)
     compile: str = "off"
+    #: the VAE's decoder compiled too
+    compile_vae: bool = False
+    #: the folder compiled kernels are kept in (None: a temporary one, or no compile)
+    compile_cache: str | None = None
+    #: "none" or "fp8" (what runs, which may be less than was asked), and why
+    quantization: str = "none"
+    quantization_reason: str = ""
     #: caption embeddings kept for repeated prompts (0 = off)
     prompt_cache_size: int = 0
     #: how many times the engine process was started again, why the last time ("crashed"

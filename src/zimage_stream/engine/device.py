@@ -37,18 +37,33 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)}") from None
 
 
-def select_attention_backend(requested: str, device: str) -> str:
-    """The diffusers attention backend to use.
+def select_attention_backend(requested: str, device: str) -> tuple[str, str]:
+    """The diffusers attention backend to use, and why.
 
-    ``auto`` takes the flash-attn package when it is installed and the device is CUDA
-    (it is used only for batches without a padding mask, see ``ImageEngine``), and
-    PyTorch SDPA (``native``, which picks its flash kernel itself) everywhere else.
+    ``auto`` takes the fastest kernel this machine has: on CUDA, FlashAttention 3 on
+    Hopper (the ``flash_attn_interface`` package), then FlashAttention 2 (``flash_attn``),
+    then cuDNN attention on Hopper and newer; PyTorch SDPA (``native``, which picks its
+    own kernel) everywhere else. Flash kernels take no attention mask: a batch whose
+    captions would need one runs through SDPA (see ``ImageEngine``); the worker batches
+    within one caption bucket, so its batches never do.
     """
     if requested != "auto":
-        return requested
-    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash"
-    return "native"
+        return requested, "set by ZIMAGE_ATTENTION_BACKEND"
+    if device != "cuda":
+        return "native", f"auto: PyTorch SDPA on {device}"
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm{major}{minor}"
+    if major == 9 and _installed("flash_attn_interface"):
+        return "_flash_3", f"auto: FlashAttention 3 on {arch} (flash_attn_interface installed)"
+    if _installed("flash_attn"):
+        return "flash", f"auto: FlashAttention 2 on {arch} (flash_attn installed)"
+    if major >= 9:
+        return "_native_cudnn", f"auto: cuDNN attention on {arch} (no flash-attn package)"
+    return "native", f"auto: PyTorch SDPA on {arch} (no flash-attn package, pre-Hopper)"
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 def needs_padding_mask(caption_lengths: list[int], multiple: int = CAPTION_MULTIPLE) -> bool:

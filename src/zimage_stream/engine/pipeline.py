@@ -7,6 +7,7 @@ keeps heartbeating, fetching and publishing while the device works.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 import re
@@ -26,6 +27,7 @@ from ..errors import ModelUnavailableError
 from ..schemas import MAX_SEED, ModelInfo
 from ..settings import EngineSettings
 from .calls import BatchShape, CaptionRule, GenerateJob, LoadReport
+from .compilation import WARM_CALLS, CompiledCalls, compile_vae_decoder, use_compile_cache
 from .device import (
     MASKLESS_BACKENDS,
     free_device_memory,
@@ -35,6 +37,7 @@ from .device import (
     resolve_dtype,
     select_attention_backend,
 )
+from .quantization import quantize_transformer
 from .tiny import ensure_tiny_pipeline, is_tiny_model
 
 log = structlog.get_logger(__name__)
@@ -75,6 +78,7 @@ class ImageEngine:
         #: caption embeddings of recent prompts (one model per engine, so the styled
         #: prompt is the whole key)
         self.prompt_cache = PromptCache(settings.prompt_cache_size)
+        self.compiled = CompiledCalls(settings.compile == "regional")
 
     @property
     def loaded(self) -> bool:
@@ -123,13 +127,13 @@ class ImageEngine:
         # ten times slower (oneDNN), and on CUDA it is the layout the conv kernels prefer.
         pipe.vae.to(memory_format=torch.channels_last)
         pipe.set_progress_bar_config(disable=True)
-        backend = select_attention_backend(settings.attention_backend, self._device)
+        quantization, quantization_reason = quantize_transformer(
+            pipe.transformer, settings.quantization, self._device
+        )
+        backend, backend_reason = select_attention_backend(settings.attention_backend, self._device)
         if backend != "native":
             pipe.transformer.set_attention_backend(backend)
-        if settings.compile == "regional":
-            # Compiled on first use (the warm-up); a new shape compiles again.
-            pipe.transformer.compile_repeated_blocks(fullgraph=True)
-            log.info("transformer_compile", mode="regional")
+        compile_cache = self._compile(pipe)
         self._pipe = pipe
         # The caption counter's own tokenizer: a fast tokenizer changes its padding and
         # truncation state on every call, so the event loop must not share the pipeline's.
@@ -141,13 +145,31 @@ class ImageEngine:
             device=self._device,
             dtype=settings.dtype,
             attention_backend=backend,
+            attention_reason=backend_reason,
             load_s=round(time.perf_counter() - started, 3),
             placement=placement,
             compile=settings.compile,
+            compile_vae=settings.compile == "regional" and settings.compile_vae,
+            compile_cache=compile_cache,
+            quantization=quantization,
+            quantization_reason=quantization_reason,
             prompt_cache_size=settings.prompt_cache_size,
         )
         log.info("model_loaded", **self._report.as_dict())
         return self._report
+
+    def _compile(self, pipe: Any) -> str | None:
+        """Compile what ``ZIMAGE_COMPILE`` asks for (graphs are made at warm-up, see
+        ``compilation``); returns the compile cache folder in use."""
+        settings = self._settings
+        if settings.compile != "regional":
+            return None
+        cache = use_compile_cache(settings.compile_cache_dir)
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        if settings.compile_vae:
+            compile_vae_decoder(pipe.vae)
+        log.info("transformer_compile", mode="regional", vae=settings.compile_vae, cache=cache)
+        return cache
 
     def check_caption(self, prompt: str) -> None:
         """Raise ``invalid_request`` when ``prompt`` (styled) is longer than the model takes
@@ -201,11 +223,18 @@ class ImageEngine:
             self.fault_hook(where, value)
 
     def warm_up(self) -> LoadReport:
-        """One small generation, so the first request pays no first-call costs."""
+        """Small generations, so the first request pays no first-call costs: one, or with
+        ``ZIMAGE_COMPILE`` the calls that make every graph (``compilation.WARM_CALLS``)."""
         started = time.perf_counter()
         size = self._settings.warmup_size
-        shape = BatchShape(width=size, height=size, num_inference_steps=2, guidance_scale=0.0)
-        self.generate([GenerateJob("warm-up: a white ceramic mug", num_images=1, seed=0)], shape)
+        steps = 2
+        calls: tuple[tuple[int, str], ...] = ((1, "warm-up: a white ceramic mug"),)
+        if self.compiled.enabled:
+            steps, calls = 1, WARM_CALLS
+        shape = BatchShape(width=size, height=size, num_inference_steps=steps, guidance_scale=0.0)
+        for images, prompt in calls:
+            self.generate([GenerateJob(prompt, num_images=images, seed=0)], shape)
+        self.compiled.warmed()
         warmup_s = round(time.perf_counter() - started, 3)
         self._report = replace(self.report, warmup_s=warmup_s)
         log.info("model_warmed_up", warmup_s=warmup_s, **memory_summary(self._device))
@@ -228,34 +257,34 @@ class ImageEngine:
             raise RuntimeError("the engine is not loaded; call load() first")
         # 1. Encode each distinct prompt once, however many requests and images share it.
         prompt_embeds, negative_embeds = self._encode_prompts(jobs, shape)
-        # 2. One generator per image: image i of a job uses seed + i.
-        generators = [
-            torch.Generator(device="cpu").manual_seed((job.seed + i) % (MAX_SEED + 1))
-            for job in jobs
-            for i in range(job.num_images)
-        ]
-        # 3. Denoise all images in one call.
-        self._fault("call", len(generators))
+        # 2. Denoise all images in one call (one generator per image: image i of a job
+        # uses seed + i), on the compiled graphs when they cover this shape.
+        self._fault("call", len(prompt_embeds))
         with self._attention_for([int(e.shape[0]) for e in prompt_embeds]):
-            latents = pipe(
-                prompt=None,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_embeds,
-                height=shape.height,
-                width=shape.width,
-                num_inference_steps=shape.num_inference_steps,
-                guidance_scale=shape.guidance_scale,
-                generator=generators,
-                output_type="latent",
-                callback_on_step_end=self.step_callback(
-                    on_step, shape.num_inference_steps, deadline
+            latents = self.compiled.run(
+                lambda: (
+                    pipe(
+                        prompt=None,
+                        prompt_embeds=prompt_embeds,
+                        negative_prompt_embeds=negative_embeds,
+                        height=shape.height,
+                        width=shape.width,
+                        num_inference_steps=shape.num_inference_steps,
+                        guidance_scale=shape.guidance_scale,
+                        generator=_generators(jobs),
+                        output_type="latent",
+                        callback_on_step_end=self.step_callback(
+                            on_step, shape.num_inference_steps, deadline
+                        ),
+                    ).images
                 ),
-            ).images
-        # 4. Decode image by image and hand each job its own images.
+                f"{len(prompt_embeds)}x{shape.width}x{shape.height}",
+            )
+        # 3. Decode image by image and hand each job its own images.
         images = []
         for latent in latents:
             _check(deadline, shape.num_inference_steps)
-            images.append(self._decode(latent))
+            images.append(self.compiled.run(functools.partial(self._decode, latent), "decode"))
         result, start = [], 0
         for job in jobs:
             result.append(images[start : start + job.num_images])
@@ -377,6 +406,14 @@ class _AttentionScope:
     def __exit__(self, *exc: object) -> None:
         if self._temporary is not None:
             self._transformer.set_attention_backend(self._usual)
+
+
+def _generators(jobs: list[GenerateJob]) -> list[torch.Generator]:
+    return [
+        torch.Generator(device="cpu").manual_seed((job.seed + i) % (MAX_SEED + 1))
+        for job in jobs
+        for i in range(job.num_images)
+    ]
 
 
 def _check(deadline: float | None, steps_done: int) -> None:

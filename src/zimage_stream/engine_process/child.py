@@ -130,8 +130,8 @@ class EngineChild:
     def _generate(self, call: GenerateCall) -> None:
         self._send(Started(call.call_id))
         stats = RunStats()
-        cache = self._engine.prompt_cache
-        hits, misses = cache.hits, cache.misses
+        cache, compiled = self._engine.prompt_cache, self._engine.compiled
+        hits, misses, compile_misses = cache.hits, cache.misses, compiled.misses
         try:
             self._inject([job.prompt for job in call.jobs])
 
@@ -147,7 +147,9 @@ class EngineChild:
             return
         counts = asdict(stats)
         counts.update(
-            prompt_cache_hits=cache.hits - hits, prompt_cache_misses=cache.misses - misses
+            prompt_cache_hits=cache.hits - hits,
+            prompt_cache_misses=cache.misses - misses,
+            compile_misses=compiled.misses - compile_misses,
         )
         # Encoding leaves the device thread: the next call starts while this one's images
         # are compressed.
