@@ -42,15 +42,29 @@ SIZES = [(256, 256), (320, 256)]
 
 
 def workload(requests: int, repeat_share: float, steps: int) -> list[dict[str, Any]]:
+    return workload_of(requests, repeat_share, steps, SIZES, [1, 1, 2])
+
+
+def workload_of(
+    requests: int,
+    repeat_share: float,
+    steps: int,
+    sizes: list[tuple[int, int]],
+    image_counts: list[int],
+    tag: str = "t",
+) -> list[dict[str, Any]]:
+    """``requests`` generate requests of the given sizes and image counts, a share of
+    them exact repeats of an earlier one (seeded: the same list every run); ``tag``
+    starts request ids and prompts, so workloads of one run share nothing."""
     rng = random.Random(11)
     items: list[dict[str, Any]] = []
     for index in range(requests):
-        request_id = f"t-{index}"
+        request_id = f"{tag}-{index}"
         if items and rng.random() < repeat_share:
             items.append({**rng.choice(items), "request_id": request_id})  # an exact repeat
             continue
-        width, height = rng.choice(SIZES)
-        prompt, images = f"studio photo of product {index}", rng.choice([1, 1, 2])
+        width, height = rng.choice(sizes)
+        prompt, images = f"{tag}: studio photo of product {index}", rng.choice(image_counts)
         items.append(
             generate_request(prompt, request_id, None, width, height, images, index, steps)
         )

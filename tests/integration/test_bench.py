@@ -80,3 +80,26 @@ def test_throughput_compares_the_worker_with_the_naive_service(tiny_model_dir: P
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "naive (one at a time)" in out.stdout and "throughput ratio" in out.stdout
+
+
+def test_gpu_worker_bench_runs_its_sections_on_the_miniature_model(tiny_model_dir: Path) -> None:
+    """The plumbing of the one-run GPU script (its figures need a GPU)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "gpu_worker.py"),
+            *("--device", "cpu", "--model", "tiny", "--quick", "--no-compile"),
+            *("--sections", "steps,fp8,worker"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(tiny_model_dir),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| eager, SDPA, no prompt cache |" in out.stdout
+    assert "| + prompt cache |" in out.stdout
+    assert "fp8 not measured: fp8 needs a CUDA device (running on cpu)" in out.stdout
+    for workload in ("no repeats", "20 % repeats", "mixed sizes"):
+        assert workload in out.stdout
+    assert out.stdout.count("x |") == 3  # a ratio for each workload

@@ -98,7 +98,8 @@ async def test_metrics_expose_the_named_series_and_they_move(
     assert _value(after, 'zimage_prompt_cache_total{result="hit"}') == 1
     assert _value(after, 'zimage_prompt_cache_total{result="miss"}') == 3
     assert _value(after, "zimage_compile_misses_total") == 0
-    assert json.loads(ready)["engine_calls"]["prompt_cache_hits"] == 1
+    calls = json.loads(ready)["engine_calls"]
+    assert calls["prompt_cache_hits"] == 1 and calls["device_busy_ms"] > 0
     assert _value(after, 'zimage_requests_total{status="rejected",task="unknown"}') == 1
     assert _value(after, "zimage_cache_hits_total") >= 1 > _value(before, "zimage_cache_hits_total")
     assert _value(after, "zimage_cache_misses_total") >= 3

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -91,3 +94,31 @@ def memory_summary(device: str) -> dict[str, Any]:
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "device_name": torch.cuda.get_device_name(),
     }
+
+
+class DeviceClock:
+    """Seconds the device spent on model calls: CUDA events on a GPU (from the first kernel
+    of a call to its last, so host-side gaps between calls do not count), the wall clock
+    of the call elsewhere."""
+
+    def __init__(self, device: str) -> None:
+        self.busy_s = 0.0
+        self._cuda = device == "cuda"
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        if not self._cuda:
+            started = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.busy_s += time.perf_counter() - started
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            yield
+        finally:
+            end.record()
+            end.synchronize()
+            self.busy_s += start.elapsed_time(end) / 1000

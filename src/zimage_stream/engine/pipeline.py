@@ -30,6 +30,7 @@ from .calls import BatchShape, CaptionRule, GenerateJob, LoadReport
 from .compilation import WARM_CALLS, CompiledCalls, compile_vae_decoder, use_compile_cache
 from .device import (
     MASKLESS_BACKENDS,
+    DeviceClock,
     free_device_memory,
     memory_summary,
     needs_padding_mask,
@@ -79,6 +80,8 @@ class ImageEngine:
         #: prompt is the whole key)
         self.prompt_cache = PromptCache(settings.prompt_cache_size)
         self.compiled = CompiledCalls(settings.compile == "regional")
+        #: time the device spent in generate calls
+        self.clock = DeviceClock("cpu")
 
     @property
     def loaded(self) -> bool:
@@ -123,6 +126,7 @@ class ImageEngine:
         except (OSError, ValueError) as exc:
             raise ModelUnavailableError(f"cannot load model {settings.model!r}: {exc}") from exc
         placement = self._place(pipe)
+        self.clock = DeviceClock(self._device)
         # Channels-last convolutions: on the CPU a single-image bf16 decode in NCHW is about
         # ten times slower (oneDNN), and on CUDA it is the layout the conv kernels prefer.
         pipe.vae.to(memory_format=torch.channels_last)
@@ -255,6 +259,17 @@ class ImageEngine:
         pipe = self._pipe
         if pipe is None:
             raise RuntimeError("the engine is not loaded; call load() first")
+        with self.clock.timing():
+            return self._generate(pipe, jobs, shape, on_step, deadline)
+
+    def _generate(
+        self,
+        pipe: Any,
+        jobs: list[GenerateJob],
+        shape: BatchShape,
+        on_step: StepCallback | None,
+        deadline: float | None,
+    ) -> list[list[Image.Image]]:
         # 1. Encode each distinct prompt once, however many requests and images share it.
         prompt_embeds, negative_embeds = self._encode_prompts(jobs, shape)
         # 2. Denoise all images in one call (one generator per image: image i of a job

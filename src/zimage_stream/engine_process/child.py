@@ -132,6 +132,7 @@ class EngineChild:
         stats = RunStats()
         cache, compiled = self._engine.prompt_cache, self._engine.compiled
         hits, misses, compile_misses = cache.hits, cache.misses, compiled.misses
+        busy_s = self._engine.clock.busy_s
         try:
             self._inject([job.prompt for job in call.jobs])
 
@@ -150,6 +151,7 @@ class EngineChild:
             prompt_cache_hits=cache.hits - hits,
             prompt_cache_misses=cache.misses - misses,
             compile_misses=compiled.misses - compile_misses,
+            device_busy_ms=round((self._engine.clock.busy_s - busy_s) * 1000),
         )
         # Encoding leaves the device thread: the next call starts while this one's images
         # are compressed.
