@@ -21,9 +21,9 @@ from types import TracebackType
 from typing import Self
 
 #: ``ZIMAGE_KAFKA_FETCH_MAX_WAIT_MS`` for this broker (the demo, the tests, the benches):
-#: Tansu was seen to hold a fetch open for its full wait even when records arrived, so a
-#: cache hit took the wait (162 ms at p50 with Kafka's 500). Apache Kafka answers a fetch
-#: as soon as records arrive, and there the default (500) keeps an idle worker's polling cheap.
+#: Tansu was seen to hold a fetch open for its full wait even when records arrived, so
+#: every cache hit waited it out (README, "The cache"). Apache Kafka answers a fetch as
+#: soon as records arrive; there the setting's default keeps an idle worker's polling cheap.
 FETCH_MAX_WAIT_MS = 5
 
 

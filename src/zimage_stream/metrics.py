@@ -119,20 +119,32 @@ class WorkerMetrics:
 
     def record_erasure(self, engine: str, seconds: float) -> None:
         """An erasure took ``seconds`` in the engine process. Only the diffusion engine's
-        time is device time: the classical engine fills on a CPU thread, beside batches."""
+        time is device time: the classical engine fills on a CPU thread, beside batches.
+
+        Like a batch's, the time is the worker's, from sending the call to its answer: a
+        diffusion erasure that waited in the engine process for a batch to end counts
+        that wait too, so with both kinds of work the busy time reads somewhat high."""
         self.erase_seconds.labels(engine).observe(seconds)
         if engine == "diffusion":
             self.busy_s += seconds
 
     def record_result(
-        self, task: str | None, status: str, code: str | None, cache_hit: bool, latency_s: float
+        self,
+        task: str | None,
+        status: str,
+        code: str | None,
+        cache_hit: bool,
+        latency_s: float | None,
     ) -> None:
-        """A result event was published, ``latency_s`` after its request was."""
+        """A result event was published, ``latency_s`` after its request was (None when
+        the request's record carries no timestamp)."""
         task = task or "unknown"
         self.results.labels(task, status).inc()
         if code is not None:
             self.errors.labels(task, code).inc()
-        self.result_latency.labels(task, str(cache_hit).lower()).observe(max(0.0, latency_s))
+        if latency_s is not None:
+            latency = self.result_latency.labels(task, str(cache_hit).lower())
+            latency.observe(max(0.0, latency_s))  # a producer's clock may run ahead of ours
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

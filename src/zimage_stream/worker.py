@@ -454,7 +454,8 @@ class Worker:
         if published:
             self.stats["results"] += 1
             code = result.error.code if result.error is not None else None
-            latency_s = time.time() - delivery.record.timestamp / 1000
+            published_ms = delivery.record.timestamp  # -1: the record has no timestamp
+            latency_s = time.time() - published_ms / 1000 if published_ms >= 0 else None
             self.metrics.record_result(
                 result.task, result.status, code, result.cache_hit, latency_s
             )

@@ -54,6 +54,7 @@ def test_result_latency_is_kept_by_task_and_cache_hit_and_errors_by_code() -> No
     metrics.record_result("generate", "succeeded", None, cache_hit=True, latency_s=0.02)
     metrics.record_result("generate", "timed_out", "timeout", cache_hit=False, latency_s=31)
     metrics.record_result(None, "rejected", "invalid_json", cache_hit=False, latency_s=-1)
+    metrics.record_result("erase_text", "succeeded", None, cache_hit=False, latency_s=None)
     sample = metrics.registry.get_sample_value
     hit = {"task": "generate", "cache_hit": "true"}
     assert sample("zimage_result_latency_seconds_bucket", {**hit, "le": "0.025"}) == 1
@@ -67,6 +68,10 @@ def test_result_latency_is_kept_by_task_and_cache_hit_and_errors_by_code() -> No
     assert sample("zimage_request_errors_total", {"task": "generate", "code": "timeout"}) == 1
     assert sample("zimage_request_errors_total", {"task": "unknown", "code": "invalid_json"}) == 1
     assert sample("zimage_requests_total", {"task": "generate", "status": "succeeded"}) == 1
+    # A record without a timestamp is counted, but has no latency to observe.
+    assert sample("zimage_requests_total", {"task": "erase_text", "status": "succeeded"}) == 1
+    erase = {"task": "erase_text", "cache_hit": "false"}
+    assert sample("zimage_result_latency_seconds_count", erase) is None
 
 
 def test_dependency_failures_are_read_off_the_worker_at_scrape_time() -> None:
