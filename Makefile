@@ -19,13 +19,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --force-reinstall --no-deps opencv-python-headless
 	touch $@
 
-# The tests start their own redis-server when the binary is there (else those tests skip),
-# and render Chinese text with a CJK font (else the Chinese cases skip).
+# The tests start their own redis-server and prometheus when the binaries are there (else
+# those tests skip), check the alert rules with promtool (Debian's prometheus package ships
+# both), and render Chinese text with a CJK font (else the Chinese cases skip).
 services:
-	@command -v redis-server >/dev/null && fc-list :lang=zh | grep -q . \
+	@command -v redis-server >/dev/null && command -v promtool >/dev/null \
+		&& command -v prometheus >/dev/null && fc-list :lang=zh | grep -q . \
 		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq \
-		&& apt-get install -y -qq redis-server fonts-wqy-zenhei >/dev/null; } \
-		|| echo "redis-server or a CJK font is missing: those tests will be skipped"
+		&& apt-get install -y -qq --no-install-recommends \
+			redis-server prometheus fonts-wqy-zenhei >/dev/null; } \
+		|| echo "redis-server, prometheus or a CJK font is missing: those tests will be skipped"
 
 demo: install
 	$(VENV)/bin/zimage-stream demo

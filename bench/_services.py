@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from zimage_stream.broker import EmbeddedBroker
+from zimage_stream.broker import FETCH_MAX_WAIT_MS, EmbeddedBroker
 from zimage_stream.settings import Settings
 from zimage_stream.testing import RedisServer
 
@@ -48,6 +48,7 @@ def bench_settings(bootstrap: str, **overrides: object) -> Settings:
         "dlq_topic": f"bench-dlq-{folder.name}",
         "group_id": f"bench-{folder.name}",
         "http_port": -1,
+        "kafka_fetch_max_wait_ms": FETCH_MAX_WAIT_MS,  # the embedded broker holds fetches
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -71,7 +72,7 @@ class Receiver:
             bootstrap_servers=settings.kafka.bootstrap_servers,
             group_id=None,
             enable_auto_commit=False,
-            fetch_max_wait_ms=5,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         self._task: asyncio.Task[None] | None = None
 

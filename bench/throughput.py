@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 # Run as a script, so this folder is on sys.path and _services imports directly.
 from _services import Receiver, bench_settings, broker, percentile
+from zimage_stream.broker import FETCH_MAX_WAIT_MS
 from zimage_stream.client import generate_request
 from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine
 from zimage_stream.imaging import encode_image
@@ -97,7 +98,7 @@ async def naive_service(settings: Settings, count: int, engine: ImageEngine) -> 
         bootstrap_servers=settings.kafka.bootstrap_servers,
         group_id=f"naive-{settings.kafka.group_id}",
         auto_offset_reset="earliest",
-        fetch_max_wait_ms=5,
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
     )
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
     await consumer.start()

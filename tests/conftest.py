@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from zimage_stream.broker import FETCH_MAX_WAIT_MS
 from zimage_stream.engine import ImageEngine
 from zimage_stream.engine.tiny import ensure_tiny_pipeline
 from zimage_stream.settings import EngineSettings, Settings
@@ -59,6 +60,7 @@ def make_settings(**overrides: object) -> Settings:
         "redis_url": "",
         "shutdown_grace_s": 30.0,
         "http_port": -1,  # two workers in one process would want the same port
+        "kafka_fetch_max_wait_ms": FETCH_MAX_WAIT_MS,  # the embedded broker holds fetches
         # Later engine processes fork from a server with torch imported: seconds saved on
         # each of the suite's many workers (test_engine_process.py keeps spawn, the default).
         "engine_start_method": "forkserver",

@@ -20,6 +20,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+#: ``ZIMAGE_KAFKA_FETCH_MAX_WAIT_MS`` for this broker (the demo, the tests, the benches):
+#: Tansu was seen to hold a fetch open for its full wait even when records arrived, so
+#: every cache hit waited it out (README, "The cache"). Apache Kafka answers a fetch as
+#: soon as records arrive; there the setting's default keeps an idle worker's polling cheap.
+FETCH_MAX_WAIT_MS = 5
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -245,6 +245,12 @@ class ResultCache:
         )
         return cls(backend, settings.ttl_s, settings.request_id_ttl_s)
 
+    @property
+    def degraded(self) -> bool:
+        """Whether the backend failed and has not answered since: the cache steps aside
+        (lookups miss, writes are skipped, locks are granted locally) until it does."""
+        return self._down_until != 0.0
+
     async def start(self) -> None:
         await self._backend.start()
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from .broker import EmbeddedBroker
+from .broker import FETCH_MAX_WAIT_MS, EmbeddedBroker
 from .client import ResultWaiter, generate_request, new_request_id, publish_request
 from .settings import Settings
 from .testing import running_worker
@@ -20,7 +20,10 @@ from .testing import running_worker
 async def run_demo(settings: Settings, prompt: str, style: str, size: int) -> int:
     """Run the demo; returns the process exit code (0 when the request succeeded)."""
     with EmbeddedBroker() as broker:
-        settings = settings.replace(kafka_bootstrap_servers=broker.bootstrap_servers)
+        settings = settings.replace(
+            kafka_bootstrap_servers=broker.bootstrap_servers,
+            kafka_fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        )
         _say(f"broker: Tansu on {broker.bootstrap_servers}")
         _say(f"model: {settings.engine.model} ({settings.engine.dtype}); loading and warming up")
         # A real model may first be downloaded: the worker gets long to become ready.

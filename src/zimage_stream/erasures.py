@@ -28,6 +28,7 @@ from .engine.calls import Erased
 from .engine_process import EngineProcess
 from .erase import classical_model, fetch_source, source_pixels
 from .errors import ZImageError, as_error
+from .metrics import WorkerMetrics
 from .schemas import EraseTextRequest, ModelInfo, ResultEvent
 from .settings import OcrSettings
 from .storage import Storage
@@ -70,6 +71,7 @@ class Erasures:
     ocr: OcrSettings
     image_format: str
     pixels_in_flight: int
+    metrics: WorkerMetrics
     _pixels: PixelBudget = field(init=False)
 
     def __post_init__(self) -> None:
@@ -116,7 +118,9 @@ class Erasures:
     ) -> tuple[CacheEntry, bool] | None:
         """The erased image's entry and whether it was recalled (no erasure ran here)."""
         params = request.params
+        read_started = time.perf_counter()
         data = await fetch_source(params.source, self.storage)  # decoded only if computed
+        self.metrics.erase_source_seconds.observe(time.perf_counter() - read_started)
         engine, model = self.resolve(params.engine)
         source_sha = hashlib.sha256(data).hexdigest()
         key = erase_content_key(source_sha, list(params.languages), engine, model)
@@ -133,7 +137,11 @@ class Erasures:
         fmt = self.image_format
 
         async def erase(_: list[int], alone: bool) -> list[Erased]:
-            return [await self.engine.erase(data, engine, languages, budget_s, fmt, alone)]
+            started = time.perf_counter()
+            try:  # a timed-out or failed erasure held the engine too
+                return [await self.engine.erase(data, engine, languages, budget_s, fmt, alone)]
+            finally:
+                self.metrics.record_erasure(engine, time.perf_counter() - started)
 
         try:
             async with self._pixels.hold(source_pixels(data)):

@@ -2,9 +2,13 @@
 ``/readyz`` (``ZIMAGE_HTTP_PORT``; 0 picks a free port, -1 turns it off).
 
 Counters and histograms are updated where things happen (results published, batches
-run); gauges that describe the worker's state (cache hits, device busy fraction, consumer
-lag, requests in flight) are read from it at scrape time. Each worker has its own
-registry, so two workers in one process (tests) do not mix their series.
+run, erasures done); the series that describe the worker's state (cache hits, Redis and
+storage errors, consumer lag, requests in flight) are read from it at scrape time. Each
+worker has its own registry, so two workers in one process (tests) do not mix their series.
+
+Everything a dashboard rates is a counter or a histogram: device busy time is
+``zimage_device_busy_seconds_total`` (its ``rate`` is the busy share over the window),
+not only a lifetime average.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from prometheus_client.registry import Collector
 log = structlog.get_logger(__name__)
 
 
+#: publish-to-result seconds: cache hits take milliseconds, generations seconds to minutes
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+
 class WorkerState(Protocol):
     """What the scrape-time collector reads off a worker."""
 
-    started_monotonic: float
-    engine_busy_s: float
     stats: dict[str, int]
 
     def cache_counts(self) -> dict[str, int]: ...
@@ -43,15 +49,47 @@ class WorkerState(Protocol):
     def undelivered(self) -> dict[str, int]: ...
     def engine_restarts(self) -> dict[str, int]: ...
     def engine_stats(self) -> dict[str, int]: ...
+    def redis_errors(self) -> int: ...
+    def storage_errors(self) -> dict[str, int]: ...
+    def degraded(self) -> bool: ...
 
 
 class WorkerMetrics:
     def __init__(self, state: WorkerState) -> None:
         self.registry = CollectorRegistry()
+        #: seconds inside model calls on the device since the worker started
+        self.busy_s = 0.0
+        self.started_monotonic = time.monotonic()
         self.results = Counter(
             "zimage_requests",
             "Requests answered (result events published), by task and status",
             ["task", "status"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "zimage_request_errors",
+            "Results published with an error, by task and error code",
+            ["task", "code"],
+            registry=self.registry,
+        )
+        self.result_latency = Histogram(
+            "zimage_result_latency_seconds",
+            "Seconds from a request's publication (its record's timestamp) to its result's",
+            ["task", "cache_hit"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.erase_seconds = Histogram(
+            "zimage_erase_seconds",
+            "Seconds one erase_text request spent in the engine process, by engine",
+            ["engine"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.erase_source_seconds = Histogram(
+            "zimage_erase_source_seconds",
+            "Seconds reading an erase_text request's source image",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
         self.batch_size = Histogram(
@@ -72,11 +110,42 @@ class WorkerMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(state))
+        self.registry.register(_StateCollector(state, self))
 
     def record_batch(self, requests: int, seconds: float) -> None:
+        """A generate batch ran ``seconds`` on the device."""
         self.batch_size.observe(requests)
         self.inference_seconds.observe(seconds)
+        self.busy_s += seconds
+
+    def record_erasure(self, engine: str, seconds: float) -> None:
+        """An erasure took ``seconds`` in the engine process. Only the diffusion engine's
+        time is device time: the classical engine fills on a CPU thread, beside batches.
+
+        Like a batch's, the time is the worker's, from sending the call to its answer: a
+        diffusion erasure that waited in the engine process for a batch to end counts
+        that wait too, so with both kinds of work the busy time reads somewhat high."""
+        self.erase_seconds.labels(engine).observe(seconds)
+        if engine == "diffusion":
+            self.busy_s += seconds
+
+    def record_result(
+        self,
+        task: str | None,
+        status: str,
+        code: str | None,
+        cache_hit: bool,
+        latency_s: float | None,
+    ) -> None:
+        """A result event was published, ``latency_s`` after its request was (None when
+        the request's record carries no timestamp)."""
+        task = task or "unknown"
+        self.results.labels(task, status).inc()
+        if code is not None:
+            self.errors.labels(task, code).inc()
+        if latency_s is not None:
+            latency = self.result_latency.labels(task, str(cache_hit).lower())
+            latency.observe(max(0.0, latency_s))  # a producer's clock may run ahead of ours
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -97,8 +166,8 @@ class WorkerMetrics:
 
 
 class _StateCollector(Collector):
-    def __init__(self, state: WorkerState) -> None:
-        self._state = state
+    def __init__(self, state: WorkerState, metrics: WorkerMetrics) -> None:
+        self._state, self._metrics = state, metrics
 
     def collect(self) -> Iterator[Any]:
         state = self._state
@@ -110,13 +179,8 @@ class _StateCollector(Collector):
         dead = CounterMetricFamily("zimage_dlq_messages", "Messages dead-lettered")
         dead.add_metric([], state.stats.get("dead_letters", 0))
         yield dead
-        uptime = max(1e-9, time.monotonic() - state.started_monotonic)
-        busy = GaugeMetricFamily(
-            "zimage_device_busy_fraction",
-            "Share of the time since the worker started spent inside model calls",
-        )
-        busy.add_metric([], min(1.0, state.engine_busy_s / uptime))
-        yield busy
+        yield from self._device()
+        yield from self._dependencies()
         lag = GaugeMetricFamily(
             "zimage_consumer_lag", "Records not yet answered, per partition", labels=["partition"]
         )
@@ -157,6 +221,42 @@ class _StateCollector(Collector):
         )
         misses.add_metric([], engine.get("compile_misses", 0))
         yield misses
+
+    def _device(self) -> Iterator[Any]:
+        metrics = self._metrics
+        seconds = CounterMetricFamily(
+            "zimage_device_busy_seconds", "Seconds spent inside model calls on the device"
+        )
+        seconds.add_metric([], metrics.busy_s)
+        yield seconds
+        uptime = max(1e-9, time.monotonic() - metrics.started_monotonic)
+        fraction = GaugeMetricFamily(
+            "zimage_device_busy_fraction",
+            "Share of the time since the worker started spent inside model calls",
+        )
+        fraction.add_metric([], min(1.0, metrics.busy_s / uptime))
+        yield fraction
+
+    def _dependencies(self) -> Iterator[Any]:
+        state = self._state
+        redis = CounterMetricFamily(
+            "zimage_redis_errors", "Redis calls that failed or took longer than REDIS_TIMEOUT_MS"
+        )
+        redis.add_metric([], state.redis_errors())
+        yield redis
+        storage = CounterMetricFamily(
+            "zimage_storage_errors",
+            "Object storage calls that failed (each failed write attempt, each failed read)",
+            labels=["operation"],
+        )
+        for operation in ("write", "read"):
+            storage.add_metric([operation], state.storage_errors().get(operation, 0))
+        yield storage
+        degraded = GaugeMetricFamily(
+            "zimage_degraded", "1 while the cache steps aside because Redis fails, else 0"
+        )
+        degraded.add_metric([], int(state.degraded()))
+        yield degraded
 
 
 Route = Callable[[], tuple[int, str, bytes]]

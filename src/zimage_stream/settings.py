@@ -67,10 +67,10 @@ class KafkaSettings(_Section):
     topic_partitions: int = Field(default=6, ge=1)
     session_timeout_ms: int = Field(default=30_000, ge=1000, alias="kafka_session_timeout_ms")
     max_poll_interval_ms: int = Field(default=600_000, ge=1000, alias="kafka_max_poll_interval_ms")
-    # How long the broker may hold a fetch open. Low, because a repeat is answered in
-    # milliseconds: with the embedded Tansu broker a fetch was seen to wait out its full
-    # time even when records arrived.
-    fetch_max_wait_ms: int = Field(default=5, ge=0, le=10_000, alias="kafka_fetch_max_wait_ms")
+    # How long the broker may hold a fetch open when no records are there: Kafka's own
+    # default. Apache Kafka answers as soon as records arrive; the embedded Tansu broker
+    # does not, so the demo, tests and benches set it low (``broker.FETCH_MAX_WAIT_MS``).
+    fetch_max_wait_ms: int = Field(default=500, ge=0, le=10_000, alias="kafka_fetch_max_wait_ms")
     # Kafka security: TLS (CA, and a client certificate for mutual TLS) and SASL.
     security_protocol: SecurityProtocol = Field(
         default="PLAINTEXT", alias="kafka_security_protocol"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,8 @@ class Storage:
         self._store = store
         self._attempts, self._backoff_s = max(1, attempts), backoff_s
         self._uri_prefix = uri_prefix.rstrip("/")
+        #: failed calls by operation: "write" (each failed attempt), "read"
+        self.errors: Counter[str] = Counter()
         #: the local folder for ``file://`` storage (None for S3)
         self.root = root
 
@@ -123,6 +126,7 @@ class Storage:
                 await obstore.put_async(self._store, key, data)
                 break
             except Exception as exc:  # obstore raises its own hierarchy; all mean "not stored"
+                self.errors["write"] += 1
                 if attempt == self._attempts:
                     raise StorageUnavailableError(
                         f"could not store {key} after {attempt} attempts: {exc}"
@@ -164,12 +168,19 @@ class Storage:
             return bytes(await result.bytes_async())
         except _NOT_FOUND as exc:
             raise FileNotFoundError(uri) from exc
+        except Exception:
+            self.errors["read"] += 1
+            raise
 
     async def exists(self, uri: str) -> bool:
+        key = self.key_of(uri)
         try:
-            await obstore.head_async(self._store, self.key_of(uri))
+            await obstore.head_async(self._store, key)
         except _NOT_FOUND:
             return False
+        except Exception:
+            self.errors["read"] += 1
+            raise
         return True
 
     def key_of(self, uri: str) -> str:

@@ -94,6 +94,9 @@ class Worker:
             settings.kafka.group_id,
         )
         self.suspects = Suspects(self.attempts, settings.engine.poison_attempts, self._dead_letter)
+        #: counters a test or the bench can read
+        self.stats = {"batches": 0, "batch_requests": 0, "results": 0, "dead_letters": 0}
+        self.metrics = WorkerMetrics(self)
         image_format = settings.storage.image_format
         self.generations = Generations(
             self._engine, self._storage, self.dedup, self.suspects, image_format
@@ -106,17 +109,13 @@ class Worker:
             settings.ocr,
             image_format,
             settings.batch.erase_pixels_in_flight,
+            self.metrics,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._finishing = asyncio.Semaphore(2)  # bounds decoded images held in memory
         self._batch_ids = itertools.count(1)
         self._consumer: RequestConsumer | None = None
         self._producer: ResultProducer | None = None
-        #: counters a test or the bench can read
-        self.stats = {"batches": 0, "batch_requests": 0, "results": 0, "dead_letters": 0}
-        self.engine_busy_s = 0.0
-        self.started_monotonic = time.monotonic()
-        self.metrics = WorkerMetrics(self)
         self.http: HttpEndpoint | None = None
         if settings.http_port >= 0:
             self.http = HttpEndpoint(settings.http_port, self.metrics.routes(self._readiness))
@@ -124,6 +123,11 @@ class Worker:
     @property
     def engine(self) -> EngineProcess:
         return self._engine
+
+    @property
+    def engine_busy_s(self) -> float:
+        """Seconds the device has spent inside model calls since the worker started."""
+        return self.metrics.busy_s
 
     # -- what /metrics, /healthz and /readyz show -----------------------------------------
 
@@ -145,14 +149,25 @@ class Worker:
     def engine_stats(self) -> dict[str, int]:
         return dict(self._engine.run_stats)
 
+    def redis_errors(self) -> int:
+        return self.cache.stats.errors
+
+    def storage_errors(self) -> dict[str, int]:
+        return dict(self._storage.errors)
+
+    def degraded(self) -> bool:
+        return self.cache.degraded
+
     def _readiness(self) -> dict[str, Any]:
         """Ready once the model is loaded and warm and the group is joined; not while the
-        engine process is started again."""
+        engine process is started again. ``degraded`` while Redis fails: the worker still
+        serves, without cross-worker dedup and with cache lookups missing."""
         report = self._engine.report.as_dict() if self._engine.loaded else None
         ready = self.ready.is_set() and self._engine.ready.is_set()
         ready = ready and not self._stopping.is_set()
         return {
             "ready": ready,
+            "degraded": self.degraded(),
             "broker_connected": self._consumer is not None,
             "model": report,
             "engine_calls": self.engine_stats(),
@@ -333,7 +348,6 @@ class Worker:
             outcomes = [JobResult(error=as_error(exc, "inference")) for _ in items]
         elapsed = time.perf_counter() - started
         self.metrics.record_batch(len(batch), elapsed)
-        self.engine_busy_s += elapsed
         self.stats["batches"] += 1
         self.stats["batch_requests"] += len(batch)
         log.info(
@@ -443,7 +457,12 @@ class Worker:
         self._require_consumer().done(delivery)
         if published:
             self.stats["results"] += 1
-            self.metrics.results.labels(result.task or "unknown", result.status).inc()
+            code = result.error.code if result.error is not None else None
+            published_ms = delivery.record.timestamp  # -1: the record has no timestamp
+            latency_s = time.time() - published_ms / 1000 if published_ms >= 0 else None
+            self.metrics.record_result(
+                result.task, result.status, code, result.cache_hit, latency_s
+            )
 
     # -- helpers -----------------------------------------------------------------------------
 

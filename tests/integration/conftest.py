@@ -13,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,3 +269,23 @@ async def run_cli(settings: Settings, *args: str, timeout_s: float = 180) -> tup
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()
+
+
+def _http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of a GET to the worker's HTTP endpoint (off the event loop)."""
+    return await asyncio.to_thread(_http_get, port, path)
+
+
+def metric_value(metrics: str, series: str) -> float:
+    """The value of one series (name and labels as exposed) in a /metrics text."""
+    match = re.search(rf"^{re.escape(series)} ([0-9.e+-]+)$", metrics, re.M)
+    assert match, f"{series} not in /metrics"
+    return float(match.group(1))

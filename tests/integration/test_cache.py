@@ -9,7 +9,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from tests.integration.conftest import KafkaIO, generate
+from tests.integration.conftest import KafkaIO, generate, http_get, metric_value
 from zimage_stream.cache import content_key
 from zimage_stream.schemas import GenerateRequest, parse_request
 from zimage_stream.settings import Settings
@@ -128,8 +128,10 @@ async def test_a_dead_lock_holder_is_taken_over(
 async def test_every_request_is_answered_while_redis_is_down(
     settings: Settings, kafka_io: KafkaIO, redis_server: RedisServer
 ) -> None:
-    settings = settings.replace(redis_url=redis_server.url)
+    settings = settings.replace(redis_url=redis_server.url, http_port=0)
     async with running_worker(settings) as worker:
+        assert worker.http is not None
+        port = worker.http.port
         await kafka_io.send(generate("before", "a wool scarf"))
         await _results_for(kafka_io, {"before"})
         redis_server.stop()
@@ -140,11 +142,17 @@ async def test_every_request_is_answered_while_redis_is_down(
         ):
             await kafka_io.send(generate(request_id, prompt))
         by_id = await _results_for(kafka_io, {"down-1", "down-2", "down-3"})
-        assert worker.cache.stats.errors >= 1
+        # Still ready (it serves), but degraded; the failures are counted.
+        status, body = await http_get(port, "/readyz")
+        assert status == 200 and json.loads(body)["degraded"] is True
+        _, metrics = await http_get(port, "/metrics")
+        assert metric_value(metrics, "zimage_redis_errors_total") >= 1
+        assert metric_value(metrics, "zimage_degraded") == 1
         redis_server.start()  # same port: the worker reconnects by itself
         await asyncio.sleep(1.5)  # past the cache's back-off
         await kafka_io.send(generate("after", "a leather belt"))
         await _results_for(kafka_io, {"after"})
+        assert json.loads((await http_get(port, "/readyz"))[1])["degraded"] is False
         await kafka_io.send(generate("after-repeat", "a leather belt"))
         by_id = await _results_for(kafka_io, {"after-repeat"})
     assert all(r["status"] == "succeeded" for r in by_id.values())

@@ -6,30 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 import pytest
 
-from tests.integration.conftest import KafkaIO, generate
+from tests.integration.conftest import KafkaIO, generate, metric_value
+from tests.integration.conftest import http_get as get
 from zimage_stream.engine.calls import Faults
 from zimage_stream.engine_process import EngineProcess
 from zimage_stream.settings import Settings
 from zimage_stream.testing import running_worker
 from zimage_stream.worker import Worker
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-async def get(port: int, path: str) -> tuple[int, str]:
-    return await asyncio.to_thread(_get, port, path)
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
@@ -38,12 +25,6 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("timed out waiting")
-
-
-def _value(metrics: str, series: str) -> float:
-    match = re.search(rf"^{re.escape(series)} ([0-9.e+-]+)$", metrics, re.M)
-    assert match, f"{series} not in /metrics"
-    return float(match.group(1))
 
 
 async def test_readyz_turns_ready_only_after_warm_up(settings: Settings) -> None:
@@ -94,23 +75,44 @@ async def test_metrics_expose_the_named_series_and_they_move(
         _, ready = await get(port, "/readyz")
     assert status == 200
     succeeded = 'zimage_requests_total{status="succeeded",task="generate"}'
-    assert _value(after, succeeded) == 5
-    assert _value(after, 'zimage_prompt_cache_total{result="hit"}') == 1
-    assert _value(after, 'zimage_prompt_cache_total{result="miss"}') == 3
-    assert _value(after, "zimage_compile_misses_total") == 0
+    assert metric_value(after, succeeded) == 5
+    assert metric_value(after, 'zimage_requests_total{status="rejected",task="unknown"}') == 1
+    assert (
+        metric_value(after, "zimage_cache_hits_total")
+        >= 1
+        > metric_value(before, "zimage_cache_hits_total")
+    )
+    assert metric_value(after, "zimage_cache_misses_total") >= 3
+    assert metric_value(after, "zimage_dlq_messages_total") == 1
+    assert metric_value(after, "zimage_batch_size_count") >= 1
+    assert metric_value(after, "zimage_inference_seconds_sum") > 0
+    assert metric_value(after, "zimage_queue_seconds_count") >= 3
+    assert 0 < metric_value(after, "zimage_device_busy_fraction") <= 1
+    assert metric_value(after, "zimage_device_busy_seconds_total") > 0
+    # Publish to result, by task and cache hit; errors by code.
+    assert (
+        metric_value(
+            after, 'zimage_result_latency_seconds_count{cache_hit="false",task="generate"}'
+        )
+        == 4
+    )
+    assert (
+        metric_value(after, 'zimage_result_latency_seconds_count{cache_hit="true",task="generate"}')
+        == 1
+    )
+    assert (
+        metric_value(after, 'zimage_request_errors_total{code="invalid_json",task="unknown"}') == 1
+    )
+    assert metric_value(after, "zimage_redis_errors_total") == 0
+    assert metric_value(after, "zimage_degraded") == 0
+    assert metric_value(after, 'zimage_prompt_cache_total{result="hit"}') == 1
+    assert metric_value(after, 'zimage_prompt_cache_total{result="miss"}') == 3
+    assert metric_value(after, "zimage_compile_misses_total") == 0
     calls = json.loads(ready)["engine_calls"]
     assert calls["prompt_cache_hits"] == 1 and calls["device_busy_ms"] > 0
-    assert _value(after, 'zimage_requests_total{status="rejected",task="unknown"}') == 1
-    assert _value(after, "zimage_cache_hits_total") >= 1 > _value(before, "zimage_cache_hits_total")
-    assert _value(after, "zimage_cache_misses_total") >= 3
-    assert _value(after, "zimage_dlq_messages_total") == 1
-    assert _value(after, "zimage_batch_size_count") >= 1
-    assert _value(after, "zimage_inference_seconds_sum") > 0
-    assert _value(after, "zimage_queue_seconds_count") >= 3
-    assert 0 < _value(after, "zimage_device_busy_fraction") <= 1
     lags = re.findall(r'^zimage_consumer_lag\{partition="(\d)"\} (\S+)$', after, re.M)
     assert lags and all(float(value) == 0 for _, value in lags)  # all answered
-    assert _value(after, "zimage_in_flight") == 0
+    assert metric_value(after, "zimage_in_flight") == 0
 
 
 async def test_a_taken_port_is_a_clear_error(settings: Settings) -> None:

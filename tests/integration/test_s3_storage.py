@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from tests.integration.conftest import KafkaIO, generate
 from zimage_stream.errors import StorageUnavailableError
 from zimage_stream.settings import Settings, StorageSettings
-from zimage_stream.storage import Storage
+from zimage_stream.storage import WRITE_ATTEMPTS, Storage
 from zimage_stream.testing import running_worker
 
 CREDENTIALS = {
@@ -74,6 +74,7 @@ async def test_missing_bucket_is_storage_unavailable(s3_endpoint: str, unique: s
     with pytest.raises(StorageUnavailableError) as info:
         await storage.put_image(b"x", "png")
     assert info.value.retriable and info.value.code == "storage_unavailable"
+    assert storage.errors["write"] == WRITE_ATTEMPTS  # each failed attempt is counted
 
 
 async def test_worker_stores_images_in_s3(

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from tests.support.render import LATIN_FONT, png_bytes, product_scene, with_text
+from tests.support.worker_state import FakeWorkerState
 from zimage_stream.cache import MemoryBackend, ResultCache
 from zimage_stream.consumer import Delivery
 from zimage_stream.dedup import Dedup
 from zimage_stream.engine.calls import EncodedImage, Erased, LoadReport
 from zimage_stream.engine_process import EngineProcess
 from zimage_stream.erasures import Erasures, PixelBudget
+from zimage_stream.metrics import WorkerMetrics
 from zimage_stream.schemas import EraseTextRequest, ModelInfo
 from zimage_stream.settings import OcrSettings, StorageSettings
 from zimage_stream.storage import Storage
@@ -63,9 +65,17 @@ async def test_the_source_reaches_the_engine_only_when_an_erasure_runs(tmp_path:
     suspects = Suspects(Attempts(FileAttempts(tmp_path / "a.json"), "g"), 2, no_dead_letters)
     rendered = with_text(product_scene(320, 240), [("SALE", (20, 20), LATIN_FONT, 36, (0, 0, 0))])
     data = png_bytes(rendered.image)
+    metrics = WorkerMetrics(FakeWorkerState())
     async with Dedup(cache, storage, lock_ttl_s=5) as dedup:
         path = Erasures(
-            cast(EngineProcess, engine), storage, dedup, suspects, OcrSettings(), "png", 10**7
+            cast(EngineProcess, engine),
+            storage,
+            dedup,
+            suspects,
+            OcrSettings(),
+            "png",
+            10**7,
+            metrics,
         )
         first = await path.answer(_delivery(0), _request("first", data), 60, forced=False)
         again = await path.answer(_delivery(1), _request("again", data), 60, forced=False)
@@ -74,6 +84,11 @@ async def test_the_source_reaches_the_engine_only_when_an_erasure_runs(tmp_path:
     # Sent once, as its encoded bytes; "auto" is the classical engine on a CPU.
     assert engine.sent == [(data, "classical")]
     assert first.model.id == "classical:rapidocr+opencv-telea"
+    # Both sources were read; one erasure ran, on the CPU: no device time.
+    sample = metrics.registry.get_sample_value
+    assert sample("zimage_erase_source_seconds_count") == 2
+    assert sample("zimage_erase_seconds_count", {"engine": "classical"}) == 1
+    assert sample("zimage_device_busy_seconds_total") == 0
 
 
 def _delivery(offset: int) -> Delivery:
