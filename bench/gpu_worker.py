@@ -143,6 +143,11 @@ def steps_and_fp8(args: argparse.Namespace, model: str, dtype: str, sections: se
         compile_vae_decoder(pipe.vae)
         warm(engine, args.size)
         step("+ compiled VAE decode")
+        if args.device == "cuda":  # not cumulative: the alternative compile mode
+            torch._dynamo.reset()
+            pipe.transformer.compile_repeated_blocks(fullgraph=True, mode="reduce-overhead")
+            warm(engine, args.size)
+            step("(instead) CUDA graphs: compile mode reduce-overhead")
     if rows:
         print_steps(rows, args, engine)
 

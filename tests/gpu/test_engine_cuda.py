@@ -69,3 +69,34 @@ def test_flash_backend_falls_back_to_sdpa_for_masked_batches(tiny_model_dir: Pat
     # After the masked batch the flash backend is back in place.
     processor = engine._pipe.transformer.layers[0].attention.processor
     assert processor._attention_backend == "_native_flash"
+
+
+def test_auto_attention_names_its_reason(engine: ImageEngine) -> None:
+    report = engine.report
+    assert report.attention_reason.startswith("auto: ")
+    assert report.attention_backend in {"_flash_3", "flash", "_native_cudnn", "native"}
+    # the chosen kernel draws (the miniature's captions share one bucket here)
+    assert engine.generate([GenerateJob("a mug", 2, 1)], SHAPE)[0]
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+    reason="float8 needs compute capability 8.9+",
+)
+def test_fp8_quantizes_the_blocks_and_draws_close_to_bf16(
+    engine: ImageEngine, tiny_model_dir: Path
+) -> None:
+    pytest.importorskip("torchao")
+    fp8 = ImageEngine(
+        EngineSettings(
+            model="tiny", tiny_model_dir=tiny_model_dir, quantization="fp8", warmup=False
+        )
+    )
+    report = fp8.load()
+    assert report.quantization == "fp8", report.quantization_reason
+    job = [GenerateJob("a mug", 1, 3)]
+    ours = np.asarray(fp8.generate(job, SHAPE)[0][0]).astype(float)
+    theirs = np.asarray(engine.generate(job, SHAPE)[0][0]).astype(float)
+    psnr = 10 * np.log10(255**2 / max(1e-9, float(np.mean((ours - theirs) ** 2))))
+    print(f"fp8 against bf16 on the miniature model: PSNR {psnr:.1f} dB")
+    assert psnr > 20  # the same picture, roughly; random weights cannot judge quality
