@@ -102,6 +102,9 @@ class StorageSettings(_Section):
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = Field(default=None, repr=False)
     image_format: Literal["png", "webp"] = "png"
+    # Where erase_text may read s3:// sources: comma-separated s3:// prefixes in the
+    # configured bucket (empty = the whole bucket).
+    source_prefixes: str = ""
 
 
 class EngineSettings(_Section):
