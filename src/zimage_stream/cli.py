@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import os
 import signal
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import structlog
+from pydantic import ValidationError
+
 from . import __version__
+from .errors import ModelUnavailableError
 from .logs import configure_logging
+from .preflight import ServiceUnreachable, check_broker
 from .schemas import json_schemas
-from .settings import Settings
+from .settings import Settings, SettingsError, explain, unknown_variables
 from .styles import STYLE_NAMES
+
+log = structlog.get_logger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +45,25 @@ def main(argv: list[str] | None = None) -> int:
         return int(handler[args.command](args) or 0)
     except KeyboardInterrupt:
         return 130
+    except (SettingsError, ServiceUnreachable, ModelUnavailableError) as exc:
+        # A wrong setting or an unreachable service: one line that says which, no traceback.
+        message = " ".join(str(exc).split())
+    # The traceback held the worker's object store: freed now, not during interpreter
+    # shutdown, where obstore's runtime was seen to abort the process (exit code -6).
+    gc.collect()
+    print(f"zimage-stream {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _settings(**overrides: Any) -> Settings:
+    """The settings from ``ZIMAGE_*`` variables (and ``overrides``); a misspelt variable is
+    warned about with the nearest real one, and a wrong value raises ``SettingsError``."""
+    for name, near in unknown_variables(os.environ):
+        log.warning("unknown_setting", variable=name, did_you_mean=near)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise explain(exc) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,12 +147,15 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _worker(_args: argparse.Namespace) -> int:
-    settings = Settings()
     configure_logging()
+    settings = _settings()
     from .worker import Worker
 
     async def serve() -> None:
-        worker = Worker(settings)
+        try:
+            worker = Worker(settings)
+        except ValueError as exc:  # a storage URL or source prefix it cannot use
+            raise SettingsError(str(exc)) from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
@@ -135,8 +166,8 @@ def _worker(_args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    settings = Settings()
     configure_logging()
+    settings = _settings()
     from .client import ResultWaiter, generate_request, new_request_id, publish_request
     from .topics import ensure_topics
 
@@ -154,6 +185,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     async def submit() -> int:
         kafka = settings.kafka
+        await check_broker(kafka)
         if not args.wait:
             await publish_request(kafka, request)
             print(json.dumps({"request_id": request["request_id"], "published": True}))
@@ -179,7 +211,7 @@ def _erase(args: argparse.Namespace) -> int:
     from .errors import ZImageError
 
     configure_logging(json_logs=False, level="WARNING")
-    settings = Settings()
+    settings = _settings()
     try:
         source = decode_image(args.image.read_bytes())
         eraser = TextEraser(detector_for(settings.ocr), **_diffusion(settings, args.engine))
@@ -259,9 +291,11 @@ def _replay(args: argparse.Namespace) -> int:
     if by_time == by_offset:
         print("error: give --since/--until or --from-offset/--to-offset", file=sys.stderr)
         return 2
+    kafka = _settings().kafka
+    asyncio.run(check_broker(kafka))
     summary = asyncio.run(
         replay(
-            Settings().kafka,
+            kafka,
             since=args.since,
             until=args.until,
             from_offsets=dict(args.from_offset) if args.from_offset else None,
@@ -295,8 +329,8 @@ def _demo(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"model": args.model, "redis_url": "", "http_port": -1}
     if args.output:
         overrides["storage_url"] = str(Path(args.output).resolve())
-    settings = Settings(**overrides)
     configure_logging(json_logs=False, level="WARNING")
+    settings = _settings(**overrides)
     return asyncio.run(run_demo(settings, args.prompt, args.style, args.size))
 
 

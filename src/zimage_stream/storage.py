@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,20 @@ class Storage:
             readable=readable,
             content_types=True,
         )
+
+    @property
+    def location(self) -> str:
+        """Where images are written: the storage URL with its prefix."""
+        return f"{self._uri_prefix}/{self._images_prefix}"
+
+    async def check(self) -> None:
+        """Raise when the storage cannot be used: a local folder that is not writable, a
+        bucket that does not exist or refuses these credentials, an endpoint that is down."""
+        if self.root is not None:
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise PermissionError(f"{self.root} is not writable")
+            return
+        await obstore.list_with_delimiter_async(self._store, self._images_prefix)
 
     async def put_image(self, data: bytes, extension: str) -> StoredObject:
         """Store image bytes under their sha256; the same bytes always get the same URI."""

@@ -43,6 +43,7 @@ from .erasures import Erasures
 from .errors import InternalError, PoisonRequestError, ZImageError, as_error
 from .generations import Generations, Pending
 from .metrics import HttpEndpoint, WorkerMetrics
+from .preflight import check_services
 from .producer import ResultProducer
 from .progress import step_reporter
 from .schemas import (
@@ -159,7 +160,8 @@ class Worker:
         self.dedup.close()
 
     async def run(self) -> None:
-        """Load and warm the model, join the group, and serve until ``stop()``."""
+        """Check the services, load and warm the model, join the group, and serve until
+        ``stop()``. A service that cannot be reached raises ``ServiceUnreachable``."""
         if self.http is not None:
             await self.http.start()  # /healthz answers while the model loads
         try:
@@ -169,6 +171,8 @@ class Worker:
                 await self.http.stop()
 
     async def _serve(self) -> None:
+        # Seconds, before the model's minutes: a wrong address fails here.
+        await check_services(self._settings, self._storage)
         await self._load_engine()
         kafka = self._settings.kafka
         if kafka.create_topics:

@@ -98,7 +98,10 @@ class EngineChild:
             if self._settings.warmup:
                 self._engine.warm_up()
         except Exception as exc:
-            log.exception("engine_load_failed")
+            if isinstance(exc, ZImageError):  # a cause the message names (a model not found)
+                log.error("engine_load_failed", code=exc.code, error=exc.message)
+            else:
+                log.exception("engine_load_failed")
             self._send(LoadFailed(WireError.of(as_error(exc, "loading the model"))))
             return
         self._send(Loaded(self._engine.report, self._engine.caption_rule()))
