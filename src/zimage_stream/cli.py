@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import json
 import os
 import signal
@@ -53,6 +54,32 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     print(f"zimage-stream {args.command}: error: {message}", file=sys.stderr)
     return 2
+
+
+#: modules of the ``worker`` extra that ``worker``, ``erase`` and ``demo`` need
+WORKER_MODULES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "redis",
+    "obstore",
+    "PIL",
+    "numpy",
+    "prometheus_client",
+    "rapidocr_onnxruntime",
+    "cv2",
+)
+
+
+def _need_worker_extra(command: str) -> None:
+    """Say how to install the worker's stack when it is missing (the base install is the
+    client library only)."""
+    missing = [name for name in WORKER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SettingsError(
+            f"`zimage-stream {command}` needs the worker's dependencies ({', '.join(missing)} "
+            "missing): pip install 'zimage-stream[worker]'"
+        )
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -148,6 +175,7 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _worker(_args: argparse.Namespace) -> int:
     configure_logging()
+    _need_worker_extra("worker")
     settings = _settings()
     from .worker import Worker
 
@@ -168,7 +196,7 @@ def _worker(_args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     configure_logging()
     settings = _settings()
-    from .client import ResultWaiter, generate_request, new_request_id, publish_request
+    from .client import ResultTimeout, ZImageClient, generate_request, new_request_id
     from .topics import ensure_topics
 
     request = generate_request(
@@ -186,27 +214,44 @@ def _submit(args: argparse.Namespace) -> int:
     async def submit() -> int:
         kafka = settings.kafka
         await check_broker(kafka)
-        if not args.wait:
-            await publish_request(kafka, request)
-            print(json.dumps({"request_id": request["request_id"], "published": True}))
-            return 0
-        await ensure_topics(kafka, kafka.topic_partitions)
-        waiter = ResultWaiter(kafka)
-        await waiter.start()
-        try:
-            await publish_request(kafka, request)
-            result = await waiter.wait_for(
-                request["request_id"], args.timeout, show_progress=sys.stderr.isatty()
-            )
-        finally:
-            await waiter.stop()
+        async with ZImageClient(settings=kafka, timeout_s=args.timeout) as client:
+            if not args.wait:
+                await client.publish(request)
+                print(json.dumps({"request_id": request["request_id"], "published": True}))
+                return 0
+            await ensure_topics(kafka, kafka.topic_partitions)
+            steps = _StepLine() if sys.stderr.isatty() else None
+            try:
+                result = await client.call(request, on_progress=steps)
+            except ResultTimeout as exc:
+                print(f"zimage-stream submit: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                if steps is not None:
+                    steps.close()
         print(result.model_dump_json(indent=2))
         return 0 if result.status == "succeeded" else 1
 
     return asyncio.run(submit())
 
 
+class _StepLine:
+    """A request's denoising steps on one terminal line."""
+
+    shown = False
+
+    def __call__(self, event: Any) -> None:
+        sys.stderr.write(f"\r{event.request_id}: step {event.step}/{event.total}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
 def _erase(args: argparse.Namespace) -> int:
+    _need_worker_extra("erase")
     from .erase import TextEraser, decode_image, detector_for
     from .errors import ZImageError
 
@@ -293,6 +338,11 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
     kafka = _settings().kafka
     asyncio.run(check_broker(kafka))
+
+    def show(done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\rread {done}/{total}", end=end, file=sys.stderr, flush=True)
+
     summary = asyncio.run(
         replay(
             kafka,
@@ -302,7 +352,7 @@ def _replay(args: argparse.Namespace) -> int:
             to_offsets=dict(args.to_offset) if args.to_offset else None,
             force=args.force,
             dry_run=args.dry_run,
-            progress=sys.stderr.isatty(),
+            on_record=show if sys.stderr.isatty() else None,
         )
     )
     print(
@@ -323,6 +373,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _need_worker_extra("demo")
     from .demo import run_demo
 
     # No HTTP endpoint: the demo is one request, and port 8080 may belong to a real worker.

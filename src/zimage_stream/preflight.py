@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from aiokafka import AIOKafkaClient
@@ -18,7 +19,9 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from .kafka_security import security_options
 from .settings import CacheSettings, KafkaSettings, Settings
-from .storage import Storage
+
+if TYPE_CHECKING:  # the storage's stack (obstore) is the worker's, not the client's
+    from .storage import Storage
 
 #: how long each service may take to answer
 TIMEOUT_S = 10.0
