@@ -93,15 +93,79 @@ def _settings(**overrides: Any) -> Settings:
         raise explain(exc) from None
 
 
+DESCRIPTION = """\
+Kafka-native image worker built on Z-Image-Turbo: image requests in (generate, erase_text),
+result events out, images in a folder or S3. Settings come from ZIMAGE_* environment
+variables: `zimage-stream worker --help` lists them with their defaults. The event contract
+is docs/CONTRACT.md; `zimage-stream schema` prints its JSON Schemas."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zimage-stream", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="zimage-stream",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"zimage-stream {__version__}")
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("worker", help="run the consumer (settings from ZIMAGE_* variables)")
-    submit = sub.add_parser("submit", help="publish one generate request")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser(
+        "worker",
+        help="run the worker (settings from ZIMAGE_* variables)",
+        description="Consume requests, run the model, store images, publish results.\n"
+        "Stops gracefully on SIGTERM or SIGINT. Checks the broker, Redis and storage\n"
+        "first: a wrong setting ends it with one line and exit code 2.\n"
+        "Needs the worker extra: pip install 'zimage-stream[worker]'.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _submit_parser(sub)
+    _other_parsers(sub)
+    return parser
+
+
+def settings_help() -> str:
+    """Every ``ZIMAGE_*`` variable with its default, by section."""
+    lines = ["settings (environment variables; unset = the default shown):"]
+    sections: list[tuple[str, type[Any]]] = [("general", Settings)]
+    sections += list(Settings.SECTIONS.items())
+    for name, model in sections:
+        doc = (model.__doc__ or "").strip().splitlines()[0] if name != "general" else ""
+        lines.append(f"\n  {name}: {doc}".rstrip(": ") if doc else f"\n  {name}:")
+        for field_name, info in model.model_fields.items():
+            if field_name in Settings.SECTIONS:
+                continue
+            variable = "ZIMAGE_" + (info.alias or field_name).upper()
+            default = info.get_default(call_default_factory=True)
+            shown = _shown(default)
+            lines.append(f"    {variable:<36} {shown}")
+    return "\n".join(lines)
+
+
+def _shown(default: Any) -> str:
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default) if str(default) else '""'
+
+
+def _submit_parser(sub: Any) -> None:
+    submit = sub.add_parser(
+        "submit",
+        help="publish one generate request",
+        description="Publish one generate request to ZIMAGE_REQUESTS_TOPIC on "
+        "ZIMAGE_KAFKA_BOOTSTRAP_SERVERS (TLS/SASL from the ZIMAGE_KAFKA_* settings); with "
+        "--wait, print its result event as JSON (exit 0 when it succeeded, 1 otherwise).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _request_arguments(submit)
     submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    submit.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for the result"
+    )
+
+
+def _other_parsers(sub: Any) -> None:
     schema = sub.add_parser("schema", help="print the JSON Schemas of the events")
     schema.add_argument(
         "--asyncapi", action="store_true", help="print the AsyncAPI 3 document of the topics"
@@ -115,7 +179,13 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="where to write the cleaned image (.png keeps transparency)",
     )
-    erase.add_argument("--engine", choices=["auto", "classical", "diffusion"], default="auto")
+    erase.add_argument(
+        "--engine",
+        choices=["auto", "classical", "diffusion"],
+        default="auto",
+        help="classical: fast CPU inpainting; diffusion: the model; auto: diffusion on a GPU "
+        "(default: %(default)s)",
+    )
     replay = sub.add_parser(
         "replay", help="re-publish requests from a time or offset range of the requests topic"
     )
@@ -138,30 +208,46 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--force", action="store_true", help="compute again instead of answering from the cache"
     )
-    replay.add_argument("--dry-run", action="store_true", help="only count what would be sent")
+    replay.add_argument(
+        "--dry-run", action="store_true", help="only count what would be sent, by task"
+    )
     demo = sub.add_parser("demo", help="run the whole flow on this machine, no services needed")
     demo.add_argument(
         "--model",
         default="tiny",
         help="model id or folder (default: the miniature random-weight model)",
     )
-    demo.add_argument("--prompt", default="a ceramic coffee mug with a wooden lid")
-    demo.add_argument("--style", default="minimal_white", choices=STYLE_NAMES)
-    demo.add_argument("--size", type=int, default=512, help="width and height in pixels")
+    demo.add_argument(
+        "--prompt",
+        default="a ceramic coffee mug with a wooden lid",
+        help="what to show (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--style",
+        default="minimal_white",
+        choices=STYLE_NAMES,
+        help="style preset (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--size", type=int, default=512, help="width and height in pixels (default: %(default)s)"
+    )
     demo.add_argument("--output", default=None, help="image folder (default ZIMAGE_STORAGE_URL)")
-    return parser
 
 
 def _request_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt")
-    parser.add_argument("--style", choices=STYLE_NAMES, default=None)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--num-images", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--guidance", type=float, default=0.0)
-    parser.add_argument("--request-id", default=None)
+    parser.add_argument("prompt", help="what to show (1-4000 characters)")
+    parser.add_argument(
+        "--style", choices=STYLE_NAMES, default=None, help="a style preset added to the prompt"
+    )
+    parser.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
+    parser.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
+    parser.add_argument("--num-images", type=int, default=4, help="candidates, 1-8")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="derived from the request's content when unset"
+    )
+    parser.add_argument("--steps", type=int, default=8, help="denoising steps, 1-50")
+    parser.add_argument("--guidance", type=float, default=0.0, help="guidance scale, 0-20")
+    parser.add_argument("--request-id", default=None, help="a new random id when unset")
 
 
 def _schema(args: argparse.Namespace) -> int:
