@@ -42,6 +42,7 @@ from .engine_process import EngineProcess
 from .erasures import Erasures
 from .errors import InternalError, PoisonRequestError, ZImageError, as_error
 from .generations import Generations, Pending
+from .logs import request_context
 from .metrics import HttpEndpoint, WorkerMetrics
 from .preflight import check_services
 from .producer import ResultProducer
@@ -62,6 +63,11 @@ from .suspects import Attempts, Suspects, attempt_store
 from .topics import ensure_topics
 
 log = structlog.get_logger(__name__)
+
+
+def _context(delivery: Delivery, request_id: str | None, task: str | None) -> dict[str, Any]:
+    """What every log line about this request carries: id, task, trace id."""
+    return request_context(request_id, task, delivery.headers)
 
 
 def _forced(delivery: Delivery) -> bool:
@@ -262,7 +268,7 @@ class Worker:
     async def _route(self, pending: Pending) -> None:
         """Answer from the cache or with identical work in flight, else batch it."""
         request = pending.request
-        with bound_contextvars(request_id=request.request_id):
+        with bound_contextvars(**_context(pending.delivery, request.request_id, request.task)):
             try:
                 claim = await self.dedup.claim(
                     request.request_id,
@@ -335,6 +341,7 @@ class Worker:
         log.info(
             "batch_done",
             requests=len(batch),
+            request_ids=[p.request.request_id for p in items],
             images=batch.images,
             width=shape.width,
             height=shape.height,
@@ -364,7 +371,8 @@ class Worker:
     async def _answer_batch_item(
         self, pending: Pending, outcome: JobResult, started_at: float
     ) -> None:
-        with bound_contextvars(request_id=pending.request.request_id):
+        request = pending.request
+        with bound_contextvars(**_context(pending.delivery, request.request_id, request.task)):
             self.metrics.queue_seconds.observe(max(0.0, started_at - pending.arrived_at))
             result = await self.generations.answer(pending, outcome, started_at)
             await self._publish(pending.delivery, result)
@@ -375,7 +383,7 @@ class Worker:
     # -- text erasure ------------------------------------------------------------------------
 
     async def _erase(self, delivery: Delivery, request: EraseTextRequest) -> None:
-        with bound_contextvars(request_id=request.request_id):
+        with bound_contextvars(**_context(delivery, request.request_id, request.task)):
             budget = self._budget(request.timeout_s)
             result = await self.erasures.answer(delivery, request, budget, _forced(delivery))
             if result is None:
@@ -405,7 +413,7 @@ class Worker:
         """Dead-letter a message that is not a valid request, and answer it when possible."""
         record = delivery.record
         await self._dead_letter(delivery, exc.error)
-        with bound_contextvars(request_id=exc.request_id):
+        with bound_contextvars(**_context(delivery, exc.request_id, exc.task)):
             log.info("request_refused", code=exc.error.code, reason=exc.error.message)
             result = ResultEvent.build(
                 exc.request_id,
@@ -423,6 +431,10 @@ class Worker:
         for good (too large, say) is replaced by a small ``internal`` one; if that is
         refused too, the record is settled without a result (the producer logged and
         counted it): no record stays in flight for good."""
+        with bound_contextvars(**_context(delivery, result.request_id, result.task)):
+            await self._publish_in_context(delivery, result)
+
+    async def _publish_in_context(self, delivery: Delivery, result: ResultEvent) -> None:
         producer = self._require_producer()
         headers = [(k, v) for k, v in delivery.headers if k in PASSED_HEADERS]
         published = await producer.publish_result(result, delivery.record.key, headers)
@@ -440,6 +452,13 @@ class Worker:
         if published:
             self.stats["results"] += 1
             self.metrics.results.labels(result.task or "unknown", result.status).inc()
+            log.info(
+                "request_answered",
+                status=result.status,
+                cache_hit=result.cache_hit,
+                error=result.error.code if result.error else None,
+                total_ms=result.timings_ms.total,
+            )
 
     # -- helpers -----------------------------------------------------------------------------
 
