@@ -120,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _submit_parser(sub)
     _other_parsers(sub)
+    _replay_parser(sub)
     return parser
 
 
@@ -165,27 +166,7 @@ def _submit_parser(sub: Any) -> None:
     )
 
 
-def _other_parsers(sub: Any) -> None:
-    schema = sub.add_parser("schema", help="print the JSON Schemas of the events")
-    schema.add_argument(
-        "--asyncapi", action="store_true", help="print the AsyncAPI 3 document of the topics"
-    )
-    erase = sub.add_parser("erase", help="erase the text in one local image")
-    erase.add_argument("image", type=Path)
-    erase.add_argument(
-        "-o",
-        "--output",
-        type=Path,
-        required=True,
-        help="where to write the cleaned image (.png keeps transparency)",
-    )
-    erase.add_argument(
-        "--engine",
-        choices=["auto", "classical", "diffusion"],
-        default="auto",
-        help="classical: fast CPU inpainting; diffusion: the model; auto: diffusion on a GPU "
-        "(default: %(default)s)",
-    )
+def _replay_parser(sub: Any) -> None:
     replay = sub.add_parser(
         "replay", help="re-publish requests from a time or offset range of the requests topic"
     )
@@ -210,6 +191,29 @@ def _other_parsers(sub: Any) -> None:
     )
     replay.add_argument(
         "--dry-run", action="store_true", help="only count what would be sent, by task"
+    )
+
+
+def _other_parsers(sub: Any) -> None:
+    schema = sub.add_parser("schema", help="print the JSON Schemas of the events")
+    schema.add_argument(
+        "--asyncapi", action="store_true", help="print the AsyncAPI 3 document of the topics"
+    )
+    erase = sub.add_parser("erase", help="erase the text in one local image")
+    erase.add_argument("image", type=Path)
+    erase.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="where to write the cleaned image (.png keeps transparency)",
+    )
+    erase.add_argument(
+        "--engine",
+        choices=["auto", "classical", "diffusion"],
+        default="auto",
+        help="classical: fast CPU inpainting; diffusion: the model; auto: diffusion on a GPU "
+        "(default: %(default)s)",
     )
     demo = sub.add_parser("demo", help="run the whole flow on this machine, no services needed")
     demo.add_argument(
