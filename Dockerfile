@@ -7,7 +7,7 @@ WORKDIR /app
 RUN pip install --index-url https://download.pytorch.org/whl/cu128 "torch>=2.8"
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install . \
+RUN pip install ".[worker]" \
     # rapidocr pulls the GUI OpenCV (libGL); the headless build must own cv2
     && pip install --force-reinstall --no-deps opencv-python-headless
 

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import importlib.util
 import json
+import os
 import signal
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import structlog
+from pydantic import ValidationError
+
 from . import __version__
+from .errors import ModelUnavailableError
 from .logs import configure_logging
+from .preflight import ServiceUnreachable, check_broker
 from .schemas import json_schemas
-from .settings import Settings
+from .settings import Settings, SettingsError, explain, unknown_variables
 from .styles import STYLE_NAMES
+
+log = structlog.get_logger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,31 +46,127 @@ def main(argv: list[str] | None = None) -> int:
         return int(handler[args.command](args) or 0)
     except KeyboardInterrupt:
         return 130
+    except (SettingsError, ServiceUnreachable, ModelUnavailableError) as exc:
+        # A wrong setting or an unreachable service: one line that says which, no traceback.
+        message = " ".join(str(exc).split())
+    # The traceback held the worker's object store: freed now, not during interpreter
+    # shutdown, where obstore's runtime was seen to abort the process (exit code -6).
+    gc.collect()
+    print(f"zimage-stream {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+#: modules of the ``worker`` extra that ``worker``, ``erase`` and ``demo`` need
+WORKER_MODULES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "redis",
+    "obstore",
+    "PIL",
+    "numpy",
+    "prometheus_client",
+    "rapidocr_onnxruntime",
+    "cv2",
+)
+
+
+def _need_worker_extra(command: str) -> None:
+    """Say how to install the worker's stack when it is missing (the base install is the
+    client library only)."""
+    missing = [name for name in WORKER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SettingsError(
+            f"`zimage-stream {command}` needs the worker's dependencies ({', '.join(missing)} "
+            "missing): pip install 'zimage-stream[worker]'"
+        )
+
+
+def _settings(**overrides: Any) -> Settings:
+    """The settings from ``ZIMAGE_*`` variables (and ``overrides``); a misspelt variable is
+    warned about with the nearest real one, and a wrong value raises ``SettingsError``."""
+    for name, near in unknown_variables(os.environ):
+        log.warning("unknown_setting", variable=name, did_you_mean=near)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise explain(exc) from None
+
+
+DESCRIPTION = """\
+Kafka-native image worker built on Z-Image-Turbo: image requests in (generate, erase_text),
+result events out, images in a folder or S3. Settings come from ZIMAGE_* environment
+variables: `zimage-stream worker --help` lists them with their defaults. The event contract
+is docs/CONTRACT.md; `zimage-stream schema` prints its JSON Schemas."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zimage-stream", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="zimage-stream",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"zimage-stream {__version__}")
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("worker", help="run the consumer (settings from ZIMAGE_* variables)")
-    submit = sub.add_parser("submit", help="publish one generate request")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser(
+        "worker",
+        help="run the worker (settings from ZIMAGE_* variables)",
+        description="Consume requests, run the model, store images, publish results.\n"
+        "Stops gracefully on SIGTERM or SIGINT. Checks the broker, Redis and storage\n"
+        "first: a wrong setting ends it with one line and exit code 2.\n"
+        "Needs the worker extra: pip install 'zimage-stream[worker]'.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _submit_parser(sub)
+    _other_parsers(sub)
+    _replay_parser(sub)
+    return parser
+
+
+def settings_help() -> str:
+    """Every ``ZIMAGE_*`` variable with its default, by section."""
+    lines = ["settings (environment variables; unset = the default shown):"]
+    sections: list[tuple[str, type[Any]]] = [("general", Settings)]
+    sections += list(Settings.SECTIONS.items())
+    for name, model in sections:
+        doc = (model.__doc__ or "").strip().splitlines()[0] if name != "general" else ""
+        lines.append(f"\n  {name}: {doc}".rstrip(": ") if doc else f"\n  {name}:")
+        for field_name, info in model.model_fields.items():
+            if field_name in Settings.SECTIONS:
+                continue
+            variable = "ZIMAGE_" + (info.alias or field_name).upper()
+            default = info.get_default(call_default_factory=True)
+            shown = _shown(default)
+            lines.append(f"    {variable:<36} {shown}")
+    return "\n".join(lines)
+
+
+def _shown(default: Any) -> str:
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default) if str(default) else '""'
+
+
+def _submit_parser(sub: Any) -> None:
+    submit = sub.add_parser(
+        "submit",
+        help="publish one generate request",
+        description="Publish one generate request to ZIMAGE_REQUESTS_TOPIC on "
+        "ZIMAGE_KAFKA_BOOTSTRAP_SERVERS (TLS/SASL from the ZIMAGE_KAFKA_* settings); with "
+        "--wait, print its result event as JSON (exit 0 when it succeeded, 1 otherwise).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _request_arguments(submit)
     submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
-    schema = sub.add_parser("schema", help="print the JSON Schemas of the events")
-    schema.add_argument(
-        "--asyncapi", action="store_true", help="print the AsyncAPI 3 document of the topics"
+    submit.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for the result"
     )
-    erase = sub.add_parser("erase", help="erase the text in one local image")
-    erase.add_argument("image", type=Path)
-    erase.add_argument(
-        "-o",
-        "--output",
-        type=Path,
-        required=True,
-        help="where to write the cleaned image (.png keeps transparency)",
-    )
-    erase.add_argument("--engine", choices=["auto", "classical", "diffusion"], default="auto")
+
+
+def _replay_parser(sub: Any) -> None:
     replay = sub.add_parser(
         "replay", help="re-publish requests from a time or offset range of the requests topic"
     )
@@ -83,30 +189,69 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--force", action="store_true", help="compute again instead of answering from the cache"
     )
-    replay.add_argument("--dry-run", action="store_true", help="only count what would be sent")
+    replay.add_argument(
+        "--dry-run", action="store_true", help="only count what would be sent, by task"
+    )
+
+
+def _other_parsers(sub: Any) -> None:
+    schema = sub.add_parser("schema", help="print the JSON Schemas of the events")
+    schema.add_argument(
+        "--asyncapi", action="store_true", help="print the AsyncAPI 3 document of the topics"
+    )
+    erase = sub.add_parser("erase", help="erase the text in one local image")
+    erase.add_argument("image", type=Path)
+    erase.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="where to write the cleaned image (.png keeps transparency)",
+    )
+    erase.add_argument(
+        "--engine",
+        choices=["auto", "classical", "diffusion"],
+        default="auto",
+        help="classical: fast CPU inpainting; diffusion: the model; auto: diffusion on a GPU "
+        "(default: %(default)s)",
+    )
     demo = sub.add_parser("demo", help="run the whole flow on this machine, no services needed")
     demo.add_argument(
         "--model",
         default="tiny",
         help="model id or folder (default: the miniature random-weight model)",
     )
-    demo.add_argument("--prompt", default="a ceramic coffee mug with a wooden lid")
-    demo.add_argument("--style", default="minimal_white", choices=STYLE_NAMES)
-    demo.add_argument("--size", type=int, default=512, help="width and height in pixels")
+    demo.add_argument(
+        "--prompt",
+        default="a ceramic coffee mug with a wooden lid",
+        help="what to show (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--style",
+        default="minimal_white",
+        choices=STYLE_NAMES,
+        help="style preset (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--size", type=int, default=512, help="width and height in pixels (default: %(default)s)"
+    )
     demo.add_argument("--output", default=None, help="image folder (default ZIMAGE_STORAGE_URL)")
-    return parser
 
 
 def _request_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt")
-    parser.add_argument("--style", choices=STYLE_NAMES, default=None)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--num-images", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--guidance", type=float, default=0.0)
-    parser.add_argument("--request-id", default=None)
+    parser.add_argument("prompt", help="what to show (1-4000 characters)")
+    parser.add_argument(
+        "--style", choices=STYLE_NAMES, default=None, help="a style preset added to the prompt"
+    )
+    parser.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
+    parser.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
+    parser.add_argument("--num-images", type=int, default=4, help="candidates, 1-8")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="derived from the request's content when unset"
+    )
+    parser.add_argument("--steps", type=int, default=8, help="denoising steps, 1-50")
+    parser.add_argument("--guidance", type=float, default=0.0, help="guidance scale, 0-20")
+    parser.add_argument("--request-id", default=None, help="a new random id when unset")
 
 
 def _schema(args: argparse.Namespace) -> int:
@@ -119,12 +264,16 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _worker(_args: argparse.Namespace) -> int:
-    settings = Settings()
     configure_logging()
+    _need_worker_extra("worker")
+    settings = _settings()
     from .worker import Worker
 
     async def serve() -> None:
-        worker = Worker(settings)
+        try:
+            worker = Worker(settings)
+        except ValueError as exc:  # a storage URL or source prefix it cannot use
+            raise SettingsError(str(exc)) from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
@@ -135,9 +284,9 @@ def _worker(_args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    settings = Settings()
     configure_logging()
-    from .client import ResultWaiter, generate_request, new_request_id, publish_request
+    settings = _settings()
+    from .client import ResultTimeout, ZImageClient, generate_request, new_request_id
     from .topics import ensure_topics
 
     request = generate_request(
@@ -154,32 +303,50 @@ def _submit(args: argparse.Namespace) -> int:
 
     async def submit() -> int:
         kafka = settings.kafka
-        if not args.wait:
-            await publish_request(kafka, request)
-            print(json.dumps({"request_id": request["request_id"], "published": True}))
-            return 0
-        await ensure_topics(kafka, kafka.topic_partitions)
-        waiter = ResultWaiter(kafka)
-        await waiter.start()
-        try:
-            await publish_request(kafka, request)
-            result = await waiter.wait_for(
-                request["request_id"], args.timeout, show_progress=sys.stderr.isatty()
-            )
-        finally:
-            await waiter.stop()
+        await check_broker(kafka)
+        async with ZImageClient(settings=kafka, timeout_s=args.timeout) as client:
+            if not args.wait:
+                await client.publish(request)
+                print(json.dumps({"request_id": request["request_id"], "published": True}))
+                return 0
+            await ensure_topics(kafka, kafka.topic_partitions)
+            steps = _StepLine() if sys.stderr.isatty() else None
+            try:
+                result = await client.call(request, on_progress=steps)
+            except ResultTimeout as exc:
+                print(f"zimage-stream submit: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                if steps is not None:
+                    steps.close()
         print(result.model_dump_json(indent=2))
         return 0 if result.status == "succeeded" else 1
 
     return asyncio.run(submit())
 
 
+class _StepLine:
+    """A request's denoising steps on one terminal line."""
+
+    shown = False
+
+    def __call__(self, event: Any) -> None:
+        sys.stderr.write(f"\r{event.request_id}: step {event.step}/{event.total}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
 def _erase(args: argparse.Namespace) -> int:
+    _need_worker_extra("erase")
     from .erase import TextEraser, decode_image, detector_for
     from .errors import ZImageError
 
     configure_logging(json_logs=False, level="WARNING")
-    settings = Settings()
+    settings = _settings()
     try:
         source = decode_image(args.image.read_bytes())
         eraser = TextEraser(detector_for(settings.ocr), **_diffusion(settings, args.engine))
@@ -259,16 +426,23 @@ def _replay(args: argparse.Namespace) -> int:
     if by_time == by_offset:
         print("error: give --since/--until or --from-offset/--to-offset", file=sys.stderr)
         return 2
+    kafka = _settings().kafka
+    asyncio.run(check_broker(kafka))
+
+    def show(done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\rread {done}/{total}", end=end, file=sys.stderr, flush=True)
+
     summary = asyncio.run(
         replay(
-            Settings().kafka,
+            kafka,
             since=args.since,
             until=args.until,
             from_offsets=dict(args.from_offset) if args.from_offset else None,
             to_offsets=dict(args.to_offset) if args.to_offset else None,
             force=args.force,
             dry_run=args.dry_run,
-            progress=sys.stderr.isatty(),
+            on_record=show if sys.stderr.isatty() else None,
         )
     )
     print(
@@ -289,14 +463,15 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _need_worker_extra("demo")
     from .demo import run_demo
 
     # No HTTP endpoint: the demo is one request, and port 8080 may belong to a real worker.
     overrides: dict[str, Any] = {"model": args.model, "redis_url": "", "http_port": -1}
     if args.output:
         overrides["storage_url"] = str(Path(args.output).resolve())
-    settings = Settings(**overrides)
     configure_logging(json_logs=False, level="WARNING")
+    settings = _settings(**overrides)
     return asyncio.run(run_demo(settings, args.prompt, args.style, args.size))
 
 

@@ -1,21 +1,85 @@
-"""Making and publishing requests, and waiting for their results (``zimage-stream
-submit``, the demo, the benchmarks)."""
+"""The client library for the services that call the worker: publish requests, await results.
+
+Install it without the worker (``pip install zimage-stream``: pydantic and aiokafka, no
+torch)::
+
+    from zimage_stream.client import ZImageClient
+
+    async with ZImageClient("kafka:9092") as client:
+        result = await client.generate("a ceramic mug", style="studio_gradient", num_images=4)
+        for image in result.images:
+            print(image.uri)
+        cleaned = await client.erase(Path("banner.png"))  # or bytes, or "s3://bucket/key"
+
+Every call waits for the result event that carries its ``request_id``. One results reader
+serves all of a client's calls: it reads the results topic (and the progress topic, when
+one is named) from its end, with no consumer group, and hands each event to the calls
+waiting for that id, so a thousand concurrent calls cost one consumer. A call that gets no
+result within its ``timeout_s`` raises :class:`ResultTimeout` (a ``TimeoutError``).
+Results are typed (:class:`~zimage_stream.schemas.ResultEvent`); a request that failed is
+a result too: look at ``result.status`` and ``result.error``.
+
+Progress (denoising steps, when the worker publishes them: ``ZIMAGE_PROGRESS_TOPIC`` on
+both sides) comes to a callback, ``generate(..., on_progress=print)``, or as an async
+iterator::
+
+    submission = await client.submit(generate_request("a mug", new_request_id()))
+    async for step in submission.progress():
+        print(f"{step.step}/{step.total}")
+    result = await submission.result()
+
+The client takes the worker's Kafka options by the same names (``security_protocol``,
+``sasl_mechanism``, ``sasl_username``, ``sasl_password``, ``ssl_cafile``, ``ssl_certfile``,
+``ssl_keyfile``, ``requests_topic``, ``results_topic``, ``progress_topic``), or a whole
+:class:`~zimage_stream.settings.KafkaSettings` as ``settings=``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
-import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TypedDict, Unpack
 
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from tqdm import tqdm
+from pydantic import ValidationError
 
 from .kafka_security import security_options
 from .schemas import SCHEMA_VERSION, ProgressEvent, ResultEvent
 from .settings import KafkaSettings
+
+log = structlog.get_logger(__name__)
+
+ProgressCallback = Callable[[ProgressEvent], Any]
+#: what ``erase`` takes: image bytes, a local file, or a storage URI the worker may read
+Source = bytes | Path | str
+
+
+class GenerateOptions(TypedDict, total=False):
+    """The ``generate`` parameters :meth:`ZImageClient.generate` takes by keyword."""
+
+    style: str | None
+    width: int
+    height: int
+    num_images: int
+    seed: int | None
+    steps: int
+    guidance: float
+
+
+class ResultTimeout(TimeoutError):
+    """No result arrived for ``request_id`` within the call's timeout."""
+
+    def __init__(self, request_id: str, timeout_s: float) -> None:
+        super().__init__(f"no result for {request_id} within {timeout_s:g} s")
+        self.request_id = request_id
 
 
 def new_request_id() -> str:
@@ -45,79 +109,313 @@ def generate_request(
     }
     if seed is not None:
         params["seed"] = seed
+    return _request("generate", request_id, params)
+
+
+def erase_request(
+    source: dict[str, str],
+    request_id: str,
+    languages: list[str] | None = None,
+    engine: str = "auto",
+) -> dict[str, Any]:
+    """An ``erase_text`` request event; ``source`` is ``{"uri": ...}`` or ``{"base64": ...}``."""
+    params: dict[str, Any] = {"source": source, "engine": engine}
+    if languages is not None:
+        params["languages"] = languages
+    return _request("erase_text", request_id, params)
+
+
+def _request(task: str, request_id: str, params: dict[str, Any]) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "request_id": request_id,
-        "task": "generate",
+        "task": task,
         "params": params,
         "submitted_at": datetime.now(UTC).isoformat(),
     }
 
 
-class ResultWaiter:
-    """Reads the results topic from its current end, without a consumer group."""
+async def source_of(source: Source) -> dict[str, str]:
+    """The request's ``source``: bytes and local files are sent inline (base64), a string
+    with a scheme (``s3://``, ``file://``) as a URI for the worker to read."""
+    if isinstance(source, str) and "://" in source:
+        return {"uri": source}
+    if isinstance(source, str | Path):
+        source = await asyncio.to_thread(Path(source).read_bytes)
+    return {"base64": base64.b64encode(source).decode()}
 
-    def __init__(self, settings: KafkaSettings) -> None:
-        self._settings = settings
+
+@dataclass(eq=False)
+class Submission:
+    """A published request: its result to await, and its progress as it comes."""
+
+    request_id: str
+    on_progress: ProgressCallback | None = None
+    timeout_s: float = 600.0
+    _result: asyncio.Future[ResultEvent] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    _steps: asyncio.Queue[ProgressEvent] = field(default_factory=asyncio.Queue)
+    _release: Callable[[Submission], None] | None = None
+
+    async def result(self, timeout_s: float | None = None) -> ResultEvent:
+        """The first result event for this request; :class:`ResultTimeout` after
+        ``timeout_s`` (default the client's)."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._result), timeout)
+        except TimeoutError:
+            raise ResultTimeout(self.request_id, timeout) from None
+        finally:
+            if self._release is not None:
+                self._release(self)  # answered or given up: the reader forgets it
+
+    async def progress(self) -> AsyncIterator[ProgressEvent]:
+        """The request's progress events, until its result has arrived."""
+        while not (self._result.done() and self._steps.empty()):
+            step = asyncio.ensure_future(self._steps.get())
+            waits: list[asyncio.Future[Any]] = [step, self._result]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if step.done():
+                yield step.result()
+            else:
+                step.cancel()
+
+    def _deliver_progress(self, event: ProgressEvent) -> None:
+        self._steps.put_nowait(event)
+        if self.on_progress is not None:
+            self.on_progress(event)
+
+    def _deliver_result(self, result: ResultEvent) -> None:
+        if not self._result.done():
+            self._result.set_result(result)
+
+    def _fail(self, error: BaseException) -> None:
+        if not self._result.done():
+            self._result.set_exception(error)
+            self._result.exception()  # retrieved: no "never retrieved" warning if unread
+
+
+class ZImageClient:
+    """Publishes requests and hands each result to the call that waits for it.
+
+    Use as ``async with``; ``start()`` and ``stop()`` are idempotent.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | None = None,
+        *,
+        settings: KafkaSettings | None = None,
+        timeout_s: float = 600.0,
+        **kafka: Any,
+    ) -> None:
+        if settings is not None and (bootstrap_servers or kafka):
+            raise TypeError("give settings= or Kafka options, not both")
+        if settings is None:
+            if bootstrap_servers:
+                kafka["bootstrap_servers"] = bootstrap_servers
+            settings = KafkaSettings(**kafka)
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reader_lock = asyncio.Lock()
+        self._waiting: dict[str, list[Submission]] = {}
+
+    async def __aenter__(self) -> ZImageClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def start(self) -> None:
-        """Position at the end of every results (and progress) partition; call before
-        publishing."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.bootstrap_servers,
-            enable_auto_commit=False,
-            group_id=None,
-            **security_options(self._settings),
+        """Connect the producer (the results reader starts with the first awaited call)."""
+        if self._producer is not None:
+            return
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            client_id=self.settings.client_id,
+            acks="all",
+            **security_options(self.settings),
         )
-        await consumer.start()
-        partitions = await topic_partitions(consumer, self._settings.results_topic)
-        if self._settings.progress_topic:
-            partitions += await topic_partitions(consumer, self._settings.progress_topic)
-        consumer.assign(partitions)
-        await consumer.seek_to_end(*partitions)
-        for tp in partitions:
-            await consumer.position(tp)  # resolve now, so nothing published later is missed
-        self._consumer = consumer
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()  # a failed start leaves its connections to close
+            raise
+        self._producer = producer
 
     async def stop(self) -> None:
+        """Stop reading and publishing; calls still waiting raise ``RuntimeError``."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        for waiting in self._waiting.values():
+            for submission in waiting:
+                submission._fail(RuntimeError("the client was stopped"))
+        self._waiting.clear()
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
 
-    async def wait_for(
-        self, request_id: str, timeout_s: float, show_progress: bool = False
+    # -- the calls ---------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        **params: Unpack[GenerateOptions],
     ) -> ResultEvent:
-        """The first result for ``request_id``; raises ``TimeoutError`` after ``timeout_s``.
+        """Generate images of ``prompt`` (``style``, ``width``, ``height``, ``num_images``,
+        ``seed``, ``steps``, ``guidance`` as in :func:`generate_request`); the result event
+        (``images`` when it succeeded)."""
+        request = generate_request(prompt, request_id or new_request_id(), **params)
+        return await self.call(request, timeout_s=timeout_s, on_progress=on_progress)
 
-        With a progress topic, the bar shows the request's denoising steps as they come.
-        """
-        assert self._consumer is not None, "call start() first"
-        deadline = time.monotonic() + timeout_s
-        key = request_id.encode()
-        bar = tqdm(
-            total=None,
-            desc=request_id,
-            unit="step",
-            disable=not show_progress,
-            leave=False,
+    async def erase(
+        self,
+        source: Source,
+        *,
+        languages: list[str] | None = None,
+        engine: str = "auto",
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> ResultEvent:
+        """Erase the text in ``source`` (bytes, a local file, or a URI the worker may read);
+        the result event (one cleaned image, and the text found)."""
+        request = erase_request(
+            await source_of(source), request_id or new_request_id(), languages, engine
         )
+        return await self.call(request, timeout_s=timeout_s)
+
+    async def call(
+        self,
+        request: dict[str, Any],
+        *,
+        headers: list[tuple[str, bytes]] | None = None,
+        timeout_s: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> ResultEvent:
+        """Publish a request event and return its result."""
+        submission = await self.submit(request, headers=headers, on_progress=on_progress)
+        return await submission.result(timeout_s)
+
+    async def submit(
+        self,
+        request: dict[str, Any],
+        *,
+        headers: list[tuple[str, bytes]] | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Submission:
+        """Publish a request event; await the returned submission's ``result()``."""
+        await self._start_reader()
+        submission = self.watch(str(request["request_id"]), on_progress)
         try:
-            while time.monotonic() < deadline:
-                batches = await self._consumer.getmany(timeout_ms=200)
-                bar.update(0)
-                for tp, records in batches.items():
-                    for record in records:
-                        if record.key != key or record.value is None:
-                            continue
-                        if tp.topic == self._settings.results_topic:
-                            return ResultEvent.model_validate_json(record.value)
-                        progress = ProgressEvent.model_validate_json(record.value)
-                        bar.total = progress.total
-                        bar.update(progress.step - bar.n)
-        finally:
-            bar.close()
-        raise TimeoutError(f"no result for {request_id} within {timeout_s:.0f} s")
+            await self.publish(request, headers)
+        except BaseException:
+            self._release(submission)
+            raise
+        return submission
+
+    def watch(self, request_id: str, on_progress: ProgressCallback | None = None) -> Submission:
+        """Wait for the result of a request published some other way (by another client);
+        only results that arrive from now on are seen."""
+        if self._reader is None:
+            raise RuntimeError("no results reader: call submit() once, or start_reader()")
+        submission = Submission(request_id, on_progress, self.timeout_s)
+        submission._release = self._release
+        self._waiting.setdefault(request_id, []).append(submission)
+        return submission
+
+    async def publish(
+        self, request: dict[str, Any], headers: list[tuple[str, bytes]] | None = None
+    ) -> None:
+        """Publish a request event keyed by its request id, without waiting for a result."""
+        await self.start()
+        assert self._producer is not None
+        await self._producer.send_and_wait(
+            self.settings.requests_topic,
+            json.dumps(request).encode(),
+            key=str(request["request_id"]).encode(),
+            headers=headers or [],
+        )
+
+    # -- the results reader ----------------------------------------------------------------
+
+    async def start_reader(self) -> None:
+        """Position the results reader at the end of the results (and progress) topics;
+        ``submit`` does this by itself."""
+        await self._start_reader()
+
+    async def _start_reader(self) -> None:
+        async with self._reader_lock:
+            if self._reader is not None:
+                return
+            await self.start()
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.bootstrap_servers,
+                client_id=self.settings.client_id,
+                enable_auto_commit=False,
+                group_id=None,
+                **security_options(self.settings),
+            )
+            await consumer.start()
+            try:
+                partitions = await topic_partitions(consumer, self.settings.results_topic)
+                if self.settings.progress_topic:
+                    partitions += await topic_partitions(consumer, self.settings.progress_topic)
+                consumer.assign(partitions)
+                await consumer.seek_to_end(*partitions)
+                for tp in partitions:
+                    await consumer.position(tp)  # resolved now: nothing published later is missed
+            except BaseException:
+                await consumer.stop()
+                raise
+            self._consumer = consumer
+            self._reader = asyncio.create_task(self._read(consumer), name="zimage-results")
+
+    async def _read(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            batches = await consumer.getmany(timeout_ms=500)
+            for tp, records in batches.items():
+                for record in records:
+                    self._dispatch(tp.topic, record.key, record.value)
+
+    def _dispatch(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        if value is None or key is None:
+            return
+        waiting = self._waiting.get(key.decode(errors="replace"))
+        if not waiting:
+            return
+        try:
+            if topic == self.settings.results_topic:
+                result = ResultEvent.model_validate_json(value)
+                for submission in list(waiting):
+                    submission._deliver_result(result)
+            else:
+                progress = ProgressEvent.model_validate_json(value)
+                for submission in waiting:
+                    submission._deliver_progress(progress)
+        except ValidationError as exc:
+            log.warning("unreadable_event", topic=topic, error=str(exc)[:300])
+
+    def _release(self, submission: Submission) -> None:
+        waiting = self._waiting.get(submission.request_id, [])
+        if submission in waiting:
+            waiting.remove(submission)
+        if not waiting:
+            self._waiting.pop(submission.request_id, None)
 
 
 async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
@@ -129,22 +427,3 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
         await consumer.topics()  # refreshes the metadata
         await asyncio.sleep(0.1)
     raise RuntimeError(f"topic {topic!r} does not exist on the broker")
-
-
-async def publish_request(
-    settings: KafkaSettings, request: dict[str, Any], headers: list[tuple[str, bytes]] | None = None
-) -> None:
-    """Publish one request event keyed by its request id."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers, acks="all", **security_options(settings)
-    )
-    await producer.start()
-    try:
-        await producer.send_and_wait(
-            settings.requests_topic,
-            json.dumps(request).encode(),
-            key=str(request["request_id"]).encode(),
-            headers=headers or [],
-        )
-    finally:
-        await producer.stop()

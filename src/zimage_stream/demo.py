@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from .broker import FETCH_MAX_WAIT_MS, EmbeddedBroker
-from .client import ResultWaiter, generate_request, new_request_id, publish_request
+from .client import ZImageClient, new_request_id
 from .settings import Settings
 from .testing import running_worker
 
@@ -30,17 +30,12 @@ async def run_demo(settings: Settings, prompt: str, style: str, size: int) -> in
         async with running_worker(settings, ready_timeout_s=3600) as worker:
             report = worker.engine.report
             _say(f"ready: device={report.device} load={report.load_s}s warm-up={report.warmup_s}s")
-            request = generate_request(prompt, new_request_id(), style, size, size)
-            waiter = ResultWaiter(settings.kafka)
-            await waiter.start()
-            try:
-                await publish_request(settings.kafka, request)
-                _say(f"submitted {request['request_id']}: {prompt!r} style={style} {size}x{size}")
-                result = await waiter.wait_for(
-                    request["request_id"], timeout_s=900, show_progress=sys.stderr.isatty()
+            request_id = new_request_id()
+            async with ZImageClient(settings=settings.kafka, timeout_s=900) as client:
+                _say(f"submitting {request_id}: {prompt!r} style={style} {size}x{size}")
+                result = await client.generate(
+                    prompt, style=style, width=size, height=size, request_id=request_id
                 )
-            finally:
-                await waiter.stop()
     print(result.model_dump_json(indent=2))
     for image in result.images:
         print(_local_path(image.uri))

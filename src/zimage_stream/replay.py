@@ -10,11 +10,11 @@ unforced replay is answered from the cache (``cache_hit: true``) while the entri
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from tqdm import tqdm
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from .client import topic_partitions
 from .kafka_security import security_options
@@ -44,9 +44,10 @@ async def replay(
     to_offsets: dict[int, int] | None = None,
     force: bool = False,
     dry_run: bool = False,
-    progress: bool = False,
+    on_record: Callable[[int, int], None] | None = None,
 ) -> ReplaySummary:
-    """Re-publish the requests in the range; with ``dry_run`` only count them."""
+    """Re-publish the requests in the range; with ``dry_run`` only count them (by task,
+    too: the range is read either way). ``on_record(done, total)`` follows the reading."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         enable_auto_commit=False,
@@ -59,48 +60,60 @@ async def replay(
         partitions = await topic_partitions(consumer, settings.requests_topic)
         ranges = await _ranges(consumer, partitions, since, until, from_offsets, to_offsets)
         summary = ReplaySummary(ranges=ranges)
-        if dry_run or summary.total == 0:
+        if summary.total == 0:
             return summary
-        producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers, acks="all", **security_options(settings)
-        )
-        await producer.start()
+        if not dry_run:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=settings.bootstrap_servers,
+                acks="all",
+                **security_options(settings),
+            )
+            await producer.start()
         marks = [(REPLAY_HEADER, b"1")] + ([(FORCE_HEADER, b"1")] if force else [])
-        with tqdm(total=summary.total, unit="req", disable=not progress, desc="replaying") as bar:
-            for tp in partitions:
-                start, end = ranges.get(tp.partition, (0, 0))
-                if start >= end:
-                    continue
-                consumer.assign([tp])
-                consumer.seek(tp, start)
-                position = start
-                while position < end:
-                    fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=500)
-                    for record in fetched.get(tp, []):
-                        if record.offset >= end:
-                            position = end
-                            break
-                        position = record.offset + 1
-                        bar.update(1)
-                        if record.value is None:
-                            summary.skipped_tombstones += 1
-                            continue
-                        headers = [
-                            (k, v) for k, v in (record.headers or []) if k not in dict(marks)
-                        ]
-                        await producer.send_and_wait(
-                            settings.requests_topic,
-                            record.value,
-                            key=record.key,
-                            headers=headers + marks,
-                        )
-                        summary.published += 1
-                        summary.by_task[_task_of(record.value)] += 1
+        done = 0
+        async for record in _records(consumer, partitions, ranges):
+            done += 1
+            if on_record is not None:
+                on_record(done, summary.total)
+            if record.value is None:
+                summary.skipped_tombstones += 1
+                continue
+            summary.by_task[_task_of(record.value)] += 1
+            if producer is None:
+                continue
+            headers = [(k, v) for k, v in (record.headers or []) if k not in dict(marks)]
+            await producer.send_and_wait(
+                settings.requests_topic, record.value, key=record.key, headers=headers + marks
+            )
+            summary.published += 1
         return summary
     finally:
         if producer is not None:
             await producer.stop()
         await consumer.stop()
+
+
+async def _records(
+    consumer: AIOKafkaConsumer,
+    partitions: list[TopicPartition],
+    ranges: dict[int, tuple[int, int]],
+) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
+    """Every record in ``[start, end)`` of each partition, partition by partition."""
+    for tp in partitions:
+        start, end = ranges.get(tp.partition, (0, 0))
+        if start >= end:
+            continue
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        position = start
+        while position < end:
+            fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=500)
+            for record in fetched.get(tp, []):
+                if record.offset >= end:
+                    position = end
+                    break
+                position = record.offset + 1
+                yield record
 
 
 async def _ranges(

@@ -26,6 +26,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import from_json
 
 from .errors import (
@@ -58,14 +59,29 @@ def _multiple_of_16(value: int) -> int:
     return value
 
 
-def _an_integer(value: Any) -> Any:
-    # A JSON ``true`` or ``1.0`` would pass ``Literal[1]``: ``True == 1.0 == 1`` in Python.
-    if isinstance(value, bool | float):
-        raise ValueError(f"must be the integer {SCHEMA_VERSION} (got {json.dumps(value)})")
+def _whole(value: Any) -> Any:
+    """A JSON number with no fraction (``1024.0``) is an integer, as JSON Schema's
+    ``integer`` says; the strict models would refuse the float that JSON parsing makes."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
 
 
-Dimension = Annotated[int, Field(ge=256, le=2048), AfterValidator(_multiple_of_16)]
+def _an_integer(value: Any) -> Any:
+    # A JSON ``true`` would pass ``Literal[1]``: ``True == 1`` in Python.
+    if isinstance(value, bool):
+        raise ValueError(f"must be the integer {SCHEMA_VERSION} (got {json.dumps(value)})")
+    return _whole(value)
+
+
+Whole = BeforeValidator(_whole)
+# ``multipleOf`` is stated for the schema only: the validator's own message says what to use.
+Dimension = Annotated[
+    int,
+    Field(ge=256, le=2048, json_schema_extra={"multipleOf": 16}),
+    Whole,
+    AfterValidator(_multiple_of_16),
+]
 RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
 
 
@@ -81,9 +97,9 @@ class GenerateParams(_Strict):
     style: StyleName | None = None
     width: Dimension = 1024
     height: Dimension = 1024
-    num_images: Annotated[int, Field(ge=1, le=8)] = 4
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
-    num_inference_steps: Annotated[int, Field(ge=1, le=50)] = 8
+    num_images: Annotated[int, Field(ge=1, le=8), Whole] = 4
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), Whole] | None = None
+    num_inference_steps: Annotated[int, Field(ge=1, le=50), Whole] = 8
     guidance_scale: Annotated[float, Field(ge=0.0, le=20.0)] = 0.0
 
     def resolved_seed(self) -> int:
@@ -99,17 +115,35 @@ class GenerateParams(_Strict):
         return int.from_bytes(digest[:4], "big")
 
 
+def _one_of_uri_or_base64(schema: dict[str, Any]) -> None:
+    schema["oneOf"] = [{"required": ["uri"]}, {"required": ["base64"]}]
+    for field in schema["properties"].values():
+        field.pop("default", None)  # absent, never null
+
+
 class ImageSource(_Strict):
-    """Where an ``erase_text`` source image comes from: exactly one of ``uri`` or ``base64``."""
+    """Where an ``erase_text`` source image comes from: exactly one of ``uri`` or ``base64``.
 
-    uri: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
-    base64: Annotated[str, Field(min_length=1, max_length=MAX_BASE64_CHARS)] | None = None
+    Neither may be ``null``: the schema says "one of two strings", and the worker agrees.
+    """
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> ImageSource:
-        if (self.uri is None) == (self.base64 is None):
-            raise ValueError('give exactly one of "uri" or "base64"')
-        return self
+    model_config = ConfigDict(json_schema_extra=_one_of_uri_or_base64)
+
+    uri: Annotated[str, Field(min_length=1, max_length=2048)] | SkipJsonSchema[None] = None
+    base64: (
+        Annotated[str, Field(min_length=1, max_length=MAX_BASE64_CHARS)] | SkipJsonSchema[None]
+    ) = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            given = [name for name in ("uri", "base64") if name in data]
+            if len(given) != 1:
+                raise ValueError('give exactly one of "uri" or "base64"')
+            if data[given[0]] is None:
+                raise ValueError(f'"{given[0]}" must be a string, not null')
+        return data
 
 
 class EraseTextParams(_Strict):
@@ -314,7 +348,7 @@ def parse_request(raw: bytes | None, max_bytes: int) -> GenerateRequest | EraseT
         error = InvalidJsonError(f"expected a JSON object, got {type(document).__name__}")
         raise RequestParseError(error, None, None)
     request_id, task = _readable_identity(document)
-    version = document.get("schema_version")
+    version = _whole(document.get("schema_version"))
     if version != SCHEMA_VERSION and isinstance(version, int) and not isinstance(version, bool):
         error_v = UnsupportedSchemaVersionError(
             f"schema_version {version} is not supported; this worker reads version {SCHEMA_VERSION}"

@@ -14,11 +14,13 @@ demo, the benchmarks). The library never reads the environment itself.
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -102,6 +104,9 @@ class StorageSettings(_Section):
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = Field(default=None, repr=False)
     image_format: Literal["png", "webp"] = "png"
+    # Where erase_text may read s3:// sources: comma-separated s3:// prefixes in the
+    # configured bucket (empty = the whole bucket).
+    source_prefixes: str = ""
 
 
 class EngineSettings(_Section):
@@ -277,3 +282,34 @@ class _FlatEnvironment(PydanticBaseSettingsSource):
             if value is not None:
                 found[name] = value
         return found
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names its ``ZIMAGE_*`` variable."""
+
+
+def explain(exc: ValidationError) -> SettingsError:
+    """One line naming each wrong variable, its value and what it should be."""
+    secret = ("password", "secret")
+    parts = []
+    for err in exc.errors(include_url=False):
+        names = [p for p in err["loc"] if isinstance(p, str) and p not in Settings.SECTIONS]
+        variable = ENV_PREFIX + names[-1].upper() if names else "settings"
+        shown = "" if any(word in variable.lower() for word in secret) else f"={err['input']}"
+        if err["type"] == "extra_forbidden":
+            shown = ""
+        parts.append(f"{variable}{shown}: {err['msg']}")
+    return SettingsError("; ".join(parts))
+
+
+def unknown_variables(names: Iterable[str]) -> list[tuple[str, str | None]]:
+    """The ``ZIMAGE_*`` names among ``names`` that are no setting, each with the nearest
+    setting's variable (None when none is near): a misspelt name must not pass silently."""
+    known = sorted(name.upper() for name in Settings.flat_names())
+    unknown = []
+    for name in names:
+        flat = name.upper().removeprefix(ENV_PREFIX)
+        if name.upper().startswith(ENV_PREFIX) and flat not in known:
+            near = difflib.get_close_matches(flat, known, n=1, cutoff=0.6)
+            unknown.append((name, ENV_PREFIX + near[0] if near else None))
+    return sorted(unknown)

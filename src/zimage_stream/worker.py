@@ -42,7 +42,9 @@ from .engine_process import EngineProcess
 from .erasures import Erasures
 from .errors import InternalError, PoisonRequestError, ZImageError, as_error
 from .generations import Generations, Pending
+from .logs import request_context
 from .metrics import HttpEndpoint, WorkerMetrics
+from .preflight import check_services
 from .producer import ResultProducer
 from .progress import step_reporter
 from .schemas import (
@@ -61,6 +63,11 @@ from .suspects import Attempts, Suspects, attempt_store
 from .topics import ensure_topics
 
 log = structlog.get_logger(__name__)
+
+
+def _context(delivery: Delivery, request_id: str | None, task: str | None) -> dict[str, Any]:
+    """What every log line about this request carries: id, task, trace id."""
+    return request_context(request_id, task, delivery.headers)
 
 
 def _forced(delivery: Delivery) -> bool:
@@ -182,7 +189,8 @@ class Worker:
         self.dedup.close()
 
     async def run(self) -> None:
-        """Load and warm the model, join the group, and serve until ``stop()``."""
+        """Check the services, load and warm the model, join the group, and serve until
+        ``stop()``. A service that cannot be reached raises ``ServiceUnreachable``."""
         if self.http is not None:
             await self.http.start()  # /healthz answers while the model loads
         try:
@@ -192,6 +200,8 @@ class Worker:
                 await self.http.stop()
 
     async def _serve(self) -> None:
+        # Seconds, before the model's minutes: a wrong address fails here.
+        await check_services(self._settings, self._storage)
         await self._load_engine()
         kafka = self._settings.kafka
         if kafka.create_topics:
@@ -281,7 +291,7 @@ class Worker:
     async def _route(self, pending: Pending) -> None:
         """Answer from the cache or with identical work in flight, else batch it."""
         request = pending.request
-        with bound_contextvars(request_id=request.request_id):
+        with bound_contextvars(**_context(pending.delivery, request.request_id, request.task)):
             try:
                 claim = await self.dedup.claim(
                     request.request_id,
@@ -353,6 +363,7 @@ class Worker:
         log.info(
             "batch_done",
             requests=len(batch),
+            request_ids=[p.request.request_id for p in items],
             images=batch.images,
             width=shape.width,
             height=shape.height,
@@ -382,7 +393,8 @@ class Worker:
     async def _answer_batch_item(
         self, pending: Pending, outcome: JobResult, started_at: float
     ) -> None:
-        with bound_contextvars(request_id=pending.request.request_id):
+        request = pending.request
+        with bound_contextvars(**_context(pending.delivery, request.request_id, request.task)):
             self.metrics.queue_seconds.observe(max(0.0, started_at - pending.arrived_at))
             result = await self.generations.answer(pending, outcome, started_at)
             await self._publish(pending.delivery, result)
@@ -393,7 +405,7 @@ class Worker:
     # -- text erasure ------------------------------------------------------------------------
 
     async def _erase(self, delivery: Delivery, request: EraseTextRequest) -> None:
-        with bound_contextvars(request_id=request.request_id):
+        with bound_contextvars(**_context(delivery, request.request_id, request.task)):
             budget = self._budget(request.timeout_s)
             result = await self.erasures.answer(delivery, request, budget, _forced(delivery))
             if result is None:
@@ -423,7 +435,7 @@ class Worker:
         """Dead-letter a message that is not a valid request, and answer it when possible."""
         record = delivery.record
         await self._dead_letter(delivery, exc.error)
-        with bound_contextvars(request_id=exc.request_id):
+        with bound_contextvars(**_context(delivery, exc.request_id, exc.task)):
             log.info("request_refused", code=exc.error.code, reason=exc.error.message)
             result = ResultEvent.build(
                 exc.request_id,
@@ -441,6 +453,10 @@ class Worker:
         for good (too large, say) is replaced by a small ``internal`` one; if that is
         refused too, the record is settled without a result (the producer logged and
         counted it): no record stays in flight for good."""
+        with bound_contextvars(**_context(delivery, result.request_id, result.task)):
+            await self._publish_in_context(delivery, result)
+
+    async def _publish_in_context(self, delivery: Delivery, result: ResultEvent) -> None:
         producer = self._require_producer()
         headers = [(k, v) for k, v in delivery.headers if k in PASSED_HEADERS]
         published = await producer.publish_result(result, delivery.record.key, headers)
@@ -462,6 +478,13 @@ class Worker:
             latency_s = time.time() - published_ms / 1000 if published_ms >= 0 else None
             self.metrics.record_result(
                 result.task, result.status, code, result.cache_hit, latency_s
+            )
+            log.info(
+                "request_answered",
+                status=result.status,
+                cache_hit=result.cache_hit,
+                error=code,
+                total_ms=result.timings_ms.total,
             )
 
     # -- helpers -----------------------------------------------------------------------------

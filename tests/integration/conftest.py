@@ -255,14 +255,17 @@ async def start_worker_process(settings: Settings, log_path: Path) -> asyncio.su
         )
 
 
-async def run_cli(settings: Settings, *args: str, timeout_s: float = 180) -> tuple[int, str, str]:
-    """``zimage-stream ARGS`` in a child process with these settings: (code, stdout, stderr)."""
+async def run_cli(
+    settings: Settings, *args: str, timeout_s: float = 180, extra_env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """``zimage-stream ARGS`` in a child process with these settings (and ``extra_env``):
+    (code, stdout, stderr)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "zimage_stream.cli",
         *args,
-        env=worker_env(settings),
+        env={**worker_env(settings), **(extra_env or {})},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

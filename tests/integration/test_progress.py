@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.integration.conftest import KafkaIO, generate
-from zimage_stream.client import ResultWaiter
+from zimage_stream.client import ZImageClient
 from zimage_stream.engine.calls import Faults
 from zimage_stream.settings import Settings
 from zimage_stream.testing import running_worker
@@ -18,16 +18,16 @@ async def test_progress_events_arrive_in_order_and_are_throttled(
     slow = generate("slow", "a clock", num_inference_steps=8)
     fast = generate("fast", "a fan", num_inference_steps=8)
     async with running_worker(settings) as worker:
-        waiter = ResultWaiter(settings.kafka)
-        await waiter.start()
-        try:
+        async with ZImageClient(settings=settings.kafka, timeout_s=120) as client:
+            await client.start_reader()
+            submission = client.watch("slow")
             # 0.3 s a step: above the 0.25 s throttle, so every step is reported.
             await worker.engine.set_faults(Faults(step_sleep_s=0.3))
             await kafka_io.send(slow)
-            result = await waiter.wait_for("slow", timeout_s=120)
-        finally:
-            await waiter.stop()
-        assert result.status == "succeeded"  # progress records did not confuse the waiter
+            seen = [event.step async for event in submission.progress()]
+            result = await submission.result()
+        assert result.status == "succeeded"  # progress records did not confuse the client
+        assert seen == [1, 2, 3, 4, 5, 6, 7, 8]  # the client's iterator saw every step
         await worker.engine.set_faults(Faults())  # the miniature model's steps take milliseconds
         await kafka_io.send(fast)
         await kafka_io.results(2)

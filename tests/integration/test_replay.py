@@ -29,6 +29,7 @@ async def test_replay_by_time_and_by_offsets(settings: Settings, kafka_io: Kafka
         dry = await replay(settings.kafka, since=since, dry_run=True)
         assert dry.total == 2 and dry.published == 0, dry
         assert dry.ranges[0] == (3, 3) and dry.ranges[1] == (0, 2)
+        assert dict(dry.by_task) == {"generate": 2}  # a dry run counts by task too
 
         # Unforced, by time: exactly the two late requests again, from the cache.
         done = await replay(settings.kafka, since=since)
@@ -69,10 +70,13 @@ async def test_replay_command_dry_run_prints_a_summary(
 ) -> None:
     for index in range(3):
         await kafka_io.send(generate(f"cli-{index}"), partition=2)
+    erase = {**generate("cli-erase"), "task": "erase_text"}
+    await kafka_io.send(erase, partition=2)
     code, out, err = await run_cli(settings, "replay", "--from-offset", "2:1", "--dry-run")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["dry_run"] is True and summary["published"] == 0
-    assert summary["ranges"]["2"] == [1, 3] and summary["requests_in_range"] == 2
+    assert summary["by_task"] == {"generate": 2, "erase_text": 1}
+    assert summary["ranges"]["2"] == [1, 4] and summary["requests_in_range"] == 3
     code, _, err = await run_cli(settings, "replay")
     assert code == 2 and "--since" in err

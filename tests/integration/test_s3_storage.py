@@ -40,11 +40,13 @@ def _bucket(endpoint: str, name: str) -> None:
     _client(endpoint).create_bucket(Bucket=name)
 
 
-def _storage(endpoint: str, bucket: str, prefix: str = "") -> Storage:
+def _storage(endpoint: str, bucket: str, prefix: str = "", **settings: str) -> Storage:
     """A new bucket, and this project's storage over it."""
     _bucket(endpoint, bucket)
     url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-    return Storage.from_settings(StorageSettings(url=url, s3_endpoint_url=endpoint, **CREDENTIALS))
+    return Storage.from_settings(
+        StorageSettings(url=url, s3_endpoint_url=endpoint, **CREDENTIALS, **settings)
+    )
 
 
 def _object(endpoint: str, bucket: str, key: str) -> bytes:
@@ -57,14 +59,74 @@ async def test_s3_round_trip(s3_endpoint: str, unique: str) -> None:
     data = b"\x89PNG fake image bytes"
     stored = await storage.put_image(data, "png")
     sha = hashlib.sha256(data).hexdigest()
-    assert stored.uri == f"s3://{bucket}/renders/images/{sha[:2]}/{sha}.png"
+    # The URL's prefix is the images' folder: no second "images/" below it.
+    assert stored.uri == f"s3://{bucket}/renders/{sha[:2]}/{sha}.png"
     assert stored.sha256 == sha and stored.size_bytes == len(data)
-    # Really in S3, under the prefix, as read by another client.
-    assert _object(s3_endpoint, bucket, f"renders/images/{sha[:2]}/{sha}.png") == data
+    # Really in S3, under the prefix, as read by another client, with its content type.
+    assert _object(s3_endpoint, bucket, f"renders/{sha[:2]}/{sha}.png") == data
+    head = _client(s3_endpoint).head_object(Bucket=bucket, Key=f"renders/{sha[:2]}/{sha}.png")
+    assert head["ContentType"] == "image/png"
     assert await storage.get(stored.uri) == data
     assert await storage.exists(stored.uri)
     again = await storage.put_image(data, "png")
     assert again == stored
+
+
+async def test_a_storage_url_named_images_is_not_doubled(s3_endpoint: str, unique: str) -> None:
+    storage = _storage(s3_endpoint, f"named-{unique}", "images")
+    stored = await storage.put_image(b"webp bytes", "webp")
+    assert stored.uri == f"s3://named-{unique}/images/{stored.sha256[:2]}/{stored.sha256}.webp"
+    key = stored.uri.removeprefix(f"s3://named-{unique}/")
+    head = _client(s3_endpoint).head_object(Bucket=f"named-{unique}", Key=key)
+    assert head["ContentType"] == "image/webp"
+
+
+async def _erase_source_error(storage: Storage, uri: str) -> Exception:
+    from zimage_stream.erase import read_source
+    from zimage_stream.schemas import ImageSource
+
+    with pytest.raises(Exception) as info:
+        await read_source(ImageSource(uri=uri), storage)
+    return info.value
+
+
+async def test_sources_are_read_anywhere_in_the_bucket_by_default(
+    s3_endpoint: str, unique: str
+) -> None:
+    from zimage_stream.erase import fetch_source
+    from zimage_stream.schemas import ImageSource
+
+    bucket = f"uploads-{unique}"
+    storage = _storage(s3_endpoint, bucket, "images")
+    _client(s3_endpoint).put_object(Bucket=bucket, Key="uploads/in.png", Body=b"source")
+    source = ImageSource(uri=f"s3://{bucket}/uploads/in.png")
+    assert await fetch_source(source, storage) == b"source"
+    error = await _erase_source_error(storage, f"s3://other-{unique}/uploads/in.png")
+    assert getattr(error, "code", None) == "source_forbidden"
+    assert f"s3://{bucket}/" in str(error)  # the message names what is allowed
+
+
+async def test_source_prefixes_limit_what_erase_text_may_read(
+    s3_endpoint: str, unique: str
+) -> None:
+    bucket = f"limited-{unique}"
+    allowed = f"s3://{bucket}/uploads, s3://{bucket}/inbox/"
+    storage = _storage(s3_endpoint, bucket, "images", source_prefixes=allowed)
+    client = _client(s3_endpoint)
+    client.put_object(Bucket=bucket, Key="uploads/in.png", Body=b"not an image")
+    client.put_object(Bucket=bucket, Key="private/secret.png", Body=b"not an image")
+    readable = await _erase_source_error(storage, f"s3://{bucket}/uploads/in.png")
+    assert getattr(readable, "code", None) == "source_unreadable"  # read, then not decoded
+    for outside in (
+        f"s3://{bucket}/private/secret.png",
+        f"s3://{bucket}/uploads/../private/secret.png",
+        f"s3://{bucket}/uploads-not/x.png",
+    ):
+        error = await _erase_source_error(storage, outside)
+        assert getattr(error, "code", None) == "source_forbidden", outside
+        assert f"s3://{bucket}/uploads/, s3://{bucket}/inbox/" in str(error)
+    with pytest.raises(ValueError, match="not in the configured bucket"):
+        _storage(s3_endpoint, f"other-{unique}", source_prefixes=f"s3://{bucket}/uploads")
 
 
 async def test_missing_bucket_is_storage_unavailable(s3_endpoint: str, unique: str) -> None:

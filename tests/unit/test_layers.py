@@ -42,6 +42,7 @@ FLOORS: list[set[str]] = [
         "metrics",
         "progress",
         "suspects",
+        "preflight",
         "engine_process",
     },
     # 4. the stages

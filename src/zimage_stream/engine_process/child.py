@@ -42,7 +42,7 @@ from ..engine.runner import JobOutcome, RunStats, run_batch
 from ..erase import decode_image
 from ..errors import ZImageError, as_error
 from ..imaging import encode_image
-from ..logs import configure_logging
+from ..logs import configure_logging, progress_bars_wanted
 from ..settings import EngineSettings, OcrSettings
 
 log = structlog.get_logger(__name__)
@@ -59,11 +59,29 @@ def main(
     """The engine process's entry point: load, warm up, then answer calls until told to
     stop or until the worker is gone."""
     configure_logging(json_logs)
+    _route_library_logging()
     structlog.contextvars.bind_contextvars(process="engine")
     # Ctrl-C reaches the whole process group: the worker shuts down in order and stops
     # this process itself once the batch on the device is done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     EngineChild(conn, settings, ocr, faults, worker_pid).run()
+
+
+def _route_library_logging() -> None:
+    """diffusers and transformers print through handlers of their own: let their records
+    reach the structured handler instead, and show their progress bars (and the hub's
+    downloads) only on a terminal."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+        if not progress_bars_wanted():
+            library.disable_progress_bar()
+    if not progress_bars_wanted():
+        disable_progress_bars()
 
 
 class EngineChild:
@@ -98,7 +116,10 @@ class EngineChild:
             if self._settings.warmup:
                 self._engine.warm_up()
         except Exception as exc:
-            log.exception("engine_load_failed")
+            if isinstance(exc, ZImageError):  # a cause the message names (a model not found)
+                log.error("engine_load_failed", code=exc.code, error=exc.message)
+            else:
+                log.exception("engine_load_failed")
             self._send(LoadFailed(WireError.of(as_error(exc, "loading the model"))))
             return
         self._send(Loaded(self._engine.report, self._engine.caption_rule()))

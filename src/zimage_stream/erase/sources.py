@@ -1,11 +1,11 @@
 """Reading an ``erase_text`` source image safely.
 
-A source is an object-storage URI the worker may read (``file://`` under the storage
-root, or ``s3://`` in the configured bucket) or base64 bytes. Every source is checked
-before it is decoded: size limit, decompression-bomb guard (pixel limit), EXIF
-orientation applied, and the mode normalised to RGB or RGBA (palette, CMYK, 16-bit and
-grey inputs included) so the rest of the pipeline sees one of two layouts.
-"""
+A source is an object-storage URI the worker may read (``file://`` under the storage root,
+or ``s3://`` under ``ZIMAGE_SOURCE_PREFIXES``, by default the configured bucket) or base64
+bytes. Every source is checked before it is decoded: size limit, decompression-bomb guard
+(pixel limit), EXIF orientation applied, and the mode normalised to RGB or RGBA (palette,
+CMYK, 16-bit and grey inputs included) so the rest of the pipeline sees one of two
+layouts."""
 
 from __future__ import annotations
 
@@ -135,10 +135,11 @@ async def _read_uri(uri: str, storage: Storage) -> bytes:
             f"source uri scheme {parsed.scheme or '(none)'!r} is not allowed; use s3:// or "
             "file:// under the storage root"
         )
-    try:
-        storage.key_of(uri)
-    except ValueError:
-        raise SourceForbiddenError(f"{uri} is outside this worker's storage") from None
+    if not storage.may_read(uri):
+        allowed = ", ".join(storage.readable)
+        raise SourceForbiddenError(
+            f"{uri} may not be read: sources must be under {allowed} (ZIMAGE_SOURCE_PREFIXES)"
+        )
     try:
         return await storage.get(uri)
     except FileNotFoundError:

@@ -1,0 +1,45 @@
+"""What ``--help`` tells a new user: what the tool is, every setting with its default,
+and each option's meaning and default."""
+
+from __future__ import annotations
+
+import pytest
+
+from zimage_stream.cli import main
+from zimage_stream.settings import Settings
+
+
+def _help(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_the_top_level_help_says_what_the_tool_is(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help(capsys)
+    assert "image worker" in text and "worker --help" in text
+    assert "Settings are read here" not in text  # the module's docstring is for developers
+
+
+def test_worker_help_lists_every_setting_with_its_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    text = _help(capsys, "worker")
+    for variable in Settings.variable_names():
+        assert variable in text, variable
+    lines = {
+        line.split()[0]: line.split()[1] for line in text.splitlines() if "ZIMAGE_" in line[:12]
+    }
+    assert lines["ZIMAGE_KAFKA_BOOTSTRAP_SERVERS"] == "localhost:9092"
+    assert lines["ZIMAGE_BATCH_WINDOW_MS"] == "50"
+    assert lines["ZIMAGE_REDIS_URL"] == '""' and lines["ZIMAGE_KAFKA_SASL_PASSWORD"] == "unset"
+
+
+def test_submit_options_say_what_they_mean_and_their_defaults(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    text = " ".join(_help(capsys, "submit").split())
+    assert "--width WIDTH pixels, a multiple of 16 (default: 1024)" in text
+    assert "--num-images NUM_IMAGES candidates, 1-8 (default: 4)" in text
+    assert "--timeout TIMEOUT seconds to wait for the result (default: 600.0)" in text
