@@ -3,8 +3,9 @@ FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
-# The CUDA wheels of torch (the CPU-only default would not see the GPU).
-RUN pip install --index-url https://download.pytorch.org/whl/cu128 "torch>=2.8"
+# The CUDA wheels of torch (the CPU-only default would not see the GPU), the version the
+# tests run (Makefile): engine/compilation.py reads its recompile error by its message.
+RUN pip install --index-url https://download.pytorch.org/whl/cu128 "torch==2.13.0"
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install ".[worker]" \

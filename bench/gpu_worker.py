@@ -15,8 +15,14 @@ diffusers folder so the worker loads it through its own code). Sections, in orde
           (the engine's ``device_busy_ms``), p50/p99 publish-to-result.
   warmup  a restarted worker's warm-up with a warm compile cache, and with an empty one.
 
-    python bench/gpu_worker.py | tee bench/results-gpu-worker.txt      # a CUDA machine
     python bench/gpu_worker.py --device cpu --model tiny --quick       # plumbing, CPU
+
+On a CUDA machine the whole run takes about a quarter of an hour at the defaults (an
+estimate from bench/gpu_latency.py's H200 figures), more than one 10-minute device call:
+run it in two, on one machine while it stays warm, the saved weights reused:
+
+    python bench/gpu_worker.py --sections steps,fp8 --folder /tmp/zr | tee bench/gpu-steps.txt
+    python bench/gpu_worker.py --sections worker,warmup --folder /tmp/zr | tee bench/gpu-worker.txt
 
 With ``--model tiny`` the miniature model stands in (CPU smoke run, figures meaningless).
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
 import statistics
 import tempfile
@@ -72,6 +79,9 @@ def main() -> None:
     sections = set(args.sections.split(","))
     if sections & {"steps", "fp8"}:
         steps_and_fp8(args, model, dtype, sections)
+        gc.collect()  # that engine's memory to the sections after
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if "worker" in sections:
         asyncio.run(worker_against_naive(args, model, dtype))
     if "warmup" in sections and not args.no_compile:
@@ -113,8 +123,7 @@ def steps_and_fp8(args: argparse.Namespace, model: str, dtype: str, sections: se
     )
     engine.load()
     shape = BatchShape(args.size, args.size, args.steps, 0.0)
-    reference = latents_of(engine, shape) if "fp8" in sections else None
-    pipe, rows = engine.pipeline, []
+    rows: list[dict[str, Any]] = []
 
     def step(label: str) -> None:
         if "steps" in sections:
@@ -127,29 +136,45 @@ def steps_and_fp8(args: argparse.Namespace, model: str, dtype: str, sections: se
     set_backend(engine, backend)
     step(f"+ attention auto: {backend} ({why})")
     if not args.no_compile:
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        engine.pipeline.transformer.compile_repeated_blocks(fullgraph=True)
         warm(engine, args.size)
         step("+ regional compile")
-    applied, why = quantize_transformer(pipe.transformer, "fp8", engine.report.device)
-    if applied == "fp8":
-        torch._dynamo.reset()  # the blocks' graphs were made for bf16 weights
-        warm(engine, args.size)
-        step("+ fp8")
-        if reference is not None:
-            fp8_deviation(engine, shape, reference)
-    else:
-        print(f"fp8 not measured: {why}")
+    fp8_step(engine, shape, "fp8" in sections, step)
     if not args.no_compile:
-        compile_vae_decoder(pipe.vae)
+        compile_vae_decoder(engine.pipeline.vae)
         warm(engine, args.size)
         step("+ compiled VAE decode")
-        if args.device == "cuda":  # not cumulative: the alternative compile mode
-            torch._dynamo.reset()
-            pipe.transformer.compile_repeated_blocks(fullgraph=True, mode="reduce-overhead")
-            warm(engine, args.size)
-            step("(instead) CUDA graphs: compile mode reduce-overhead")
+        if args.device == "cuda":
+            cuda_graphs(engine, args.size, step)
     if rows:
         print_steps(rows, args, engine)
+
+
+def fp8_step(engine: ImageEngine, shape: BatchShape, deviation: bool, step: Any) -> None:
+    """FP8 on top of what runs so far; its deviation against the same setup without it."""
+    reference = latents_of(engine, shape) if deviation else None
+    applied, why = quantize_transformer(engine.pipeline.transformer, "fp8", engine.report.device)
+    if applied != "fp8":
+        print(f"fp8 not measured: {why}")
+        return
+    torch._dynamo.reset()  # the blocks' graphs were made for bf16 weights
+    warm(engine, shape.width)
+    step("+ fp8")
+    if reference is not None:
+        fp8_deviation(engine, shape, reference)
+
+
+def cuda_graphs(engine: ImageEngine, size: int, step: Any) -> None:
+    """Not cumulative: CUDA graphs (``reduce-overhead``) instead of the default mode.
+    Regional compile chains one block's graph output into the next, which CUDA graphs
+    may refuse (pytorch#152887): then the reason is printed and the run goes on."""
+    try:
+        torch._dynamo.reset()
+        engine.pipeline.transformer.compile_repeated_blocks(fullgraph=True, mode="reduce-overhead")
+        warm(engine, size)
+        step("(instead) CUDA graphs: compile mode reduce-overhead")
+    except Exception as exc:
+        print(f"CUDA graphs not measured: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def set_backend(engine: ImageEngine, backend: str) -> None:
@@ -158,8 +183,8 @@ def set_backend(engine: ImageEngine, backend: str) -> None:
 
 
 def warm(engine: ImageEngine, size: int) -> None:
-    for images, prompt in WARM_CALLS:
-        engine.generate([GenerateJob(prompt, images, 0)], BatchShape(size, size, 1, 0.0))
+    for images, prompt, taller in WARM_CALLS:
+        engine.generate([GenerateJob(prompt, images, 0)], BatchShape(size, size + taller, 1, 0.0))
 
 
 def time_batches(
@@ -296,6 +321,8 @@ async def worker_against_naive(args: argparse.Namespace, model: str, dtype: str)
         )
         print(" worker p50 / p99 s |\n| --- | --- | --- | --- | --- | --- |")
         async with running_worker(settings, ready_timeout_s=1200) as worker:
+            if worker.engine.report.placement != "device":
+                print(f"warning: the worker's model is at {worker.engine.report.placement}")
             for (name, items), naive in zip(workloads, naive_rows, strict=True):
                 busy_before = worker.engine.run_stats["device_busy_ms"]
                 row = await measure("worker", settings, items, _nothing)

@@ -31,6 +31,11 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .errors import ERROR_CODES
+
+#: the tasks results are counted by ("unknown": a record too broken to name one)
+TASKS = ("generate", "erase_text", "unknown")
+
 log = structlog.get_logger(__name__)
 
 
@@ -57,7 +62,8 @@ class WorkerState(Protocol):
 class WorkerMetrics:
     def __init__(self, state: WorkerState) -> None:
         self.registry = CollectorRegistry()
-        #: seconds inside model calls on the device since the worker started
+        #: seconds from sending device calls (batches, diffusion erasures) to their
+        #: answers, as the worker sees them (the exposed busy time is the engine's own)
         self.busy_s = 0.0
         self.started_monotonic = time.monotonic()
         self.results = Counter(
@@ -72,6 +78,11 @@ class WorkerMetrics:
             ["task", "code"],
             registry=self.registry,
         )
+        # Every series exists from the start at 0: a series born at 1 has no increase,
+        # and an alert on the first poison request or out-of-memory would never fire.
+        for task in TASKS:
+            for code in ERROR_CODES:
+                self.errors.labels(task, code)
         self.result_latency = Histogram(
             "zimage_result_latency_seconds",
             "Seconds from a request's publication (its record's timestamp) to its result's",
@@ -223,18 +234,20 @@ class _StateCollector(Collector):
         yield misses
 
     def _device(self) -> Iterator[Any]:
-        metrics = self._metrics
+        # The engine process's own clock (CUDA events on a GPU): generate calls and
+        # diffusion erasures, not the time their answers wait to be encoded or sent.
+        busy_s = self._state.engine_stats().get("device_busy_ms", 0) / 1000
         seconds = CounterMetricFamily(
-            "zimage_device_busy_seconds", "Seconds spent inside model calls on the device"
+            "zimage_device_busy_seconds", "Seconds the device spent on model calls"
         )
-        seconds.add_metric([], metrics.busy_s)
+        seconds.add_metric([], busy_s)
         yield seconds
-        uptime = max(1e-9, time.monotonic() - metrics.started_monotonic)
+        uptime = max(1e-9, time.monotonic() - self._metrics.started_monotonic)
         fraction = GaugeMetricFamily(
             "zimage_device_busy_fraction",
-            "Share of the time since the worker started spent inside model calls",
+            "Share of the time since the worker started the device spent on model calls",
         )
-        fraction.add_metric([], min(1.0, metrics.busy_s / uptime))
+        fraction.add_metric([], min(1.0, busy_s / uptime))
         yield fraction
 
     def _dependencies(self) -> Iterator[Any]:

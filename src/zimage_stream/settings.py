@@ -67,6 +67,9 @@ class KafkaSettings(_Section):
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     create_topics: bool = True
     topic_partitions: int = Field(default=6, ge=1)
+    # Copies of each created topic's log: 1 suits one broker; a production cluster wants
+    # 3 (and a min.insync.replicas of 2 refuses writes to a topic with fewer).
+    topic_replication_factor: int = Field(default=1, ge=1, le=32)
     session_timeout_ms: int = Field(default=30_000, ge=1000, alias="kafka_session_timeout_ms")
     max_poll_interval_ms: int = Field(default=600_000, ge=1000, alias="kafka_max_poll_interval_ms")
     # How long the broker may hold a fetch open when no records are there: Kafka's own

@@ -26,7 +26,8 @@ async def ensure_topics(settings: KafkaSettings, partitions: int, **client_optio
         existing = set(await admin.list_topics())
         wanted = [settings.requests_topic, settings.results_topic, settings.dlq_topic]
         wanted += [settings.progress_topic] if settings.progress_topic else []
-        missing = [NewTopic(t, partitions, 1) for t in wanted if t not in existing]
+        replicas = settings.topic_replication_factor
+        missing = [NewTopic(t, partitions, replicas) for t in wanted if t not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
                 await admin.create_topics(missing)

@@ -13,6 +13,7 @@ class FakeWorkerState:
     storage: dict[str, int] = field(default_factory=dict)
     redis: int = 0
     is_degraded: bool = False
+    engine: dict[str, int] = field(default_factory=dict)
 
     def cache_counts(self) -> dict[str, int]:
         return self.cache
@@ -30,7 +31,7 @@ class FakeWorkerState:
         return {}
 
     def engine_stats(self) -> dict[str, int]:
-        return {}
+        return self.engine
 
     def redis_errors(self) -> int:
         return self.redis

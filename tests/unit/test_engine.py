@@ -14,7 +14,7 @@ from zimage_stream.engine import BatchShape, GenerateJob, ImageEngine, device
 from zimage_stream.engine.compilation import CompiledCalls
 from zimage_stream.engine.device import needs_padding_mask, select_attention_backend
 from zimage_stream.engine.pipeline import PromptCache
-from zimage_stream.engine.quantization import fp8_targets
+from zimage_stream.engine.quantization import fp8_targets, fp8_unavailable
 from zimage_stream.errors import ModelUnavailableError, ZImageError
 from zimage_stream.settings import EngineSettings
 
@@ -129,22 +129,23 @@ def test_a_missing_model_is_model_unavailable(tmp_path: Path) -> None:
 def test_attention_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert select_attention_backend("auto", "cpu") == ("native", "auto: PyTorch SDPA on cpu")
     assert select_attention_backend("_native_flash", "cuda")[0] == "_native_flash"
-    # auto on CUDA: the fastest kernel the machine has, and why.
-    installed: set[str] = set()
-    monkeypatch.setattr(device, "_installed", lambda package: package in installed)
+    # auto on CUDA: a FlashAttention kernel diffusers can use, else SDPA; and why.
+    usable = {"fa3": False, "fa2": False}
+    monkeypatch.setattr(device, "_flash_attn_3", lambda: usable["fa3"])
+    monkeypatch.setattr(device, "_flash_attn_2", lambda: usable["fa2"])
     capability = (9, 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: capability)
     assert select_attention_backend("auto", "cuda") == (
-        "_native_cudnn",
-        "auto: cuDNN attention on sm90 (no flash-attn package)",
+        "native",
+        "auto: PyTorch SDPA on sm90 (no usable flash-attn package)",
     )
-    installed.add("flash_attn")
-    assert select_attention_backend("auto", "cuda")[0] == "flash"
-    installed.add("flash_attn_interface")
+    usable["fa2"] = True
+    assert select_attention_backend("auto", "cuda") == ("flash", "auto: FlashAttention 2 on sm90")
+    usable["fa3"] = True
     assert select_attention_backend("auto", "cuda")[0] == "_flash_3"
-    capability = (8, 0)  # FlashAttention 3 is for Hopper
+    capability = (8, 6)  # FlashAttention 3 is for Hopper
     assert select_attention_backend("auto", "cuda")[0] == "flash"
-    installed.clear()
+    capability = (7, 5)  # and FlashAttention 2 for Ampere and newer
     assert select_attention_backend("auto", "cuda")[0] == "native"
     assert not needs_padding_mask([10, 20, 32])  # all pad to 32 tokens
     assert needs_padding_mask([10, 40])
@@ -179,8 +180,10 @@ def test_fp8_where_it_cannot_run_is_reported_not_fatal(tiny_model_dir: Path) -> 
     )
     report = engine.load()
     assert report.quantization == "none"
-    assert report.quantization_reason == "fp8 needs a CUDA device (running on cpu)"
+    reason = "fp8 needs ZIMAGE_DTYPE=bfloat16 (the model runs in torch.float32)"
+    assert report.quantization_reason == reason
     assert engine.generate([GenerateJob("a mug", 1, 0)], BatchShape(64, 64, 1, 0.0))
+    assert fp8_unavailable("cpu", torch.bfloat16) == "fp8 needs a CUDA device (running on cpu)"
 
 
 def test_compiled_graphs_made_at_warm_up_cover_new_shapes_and_are_kept_on_disk(

@@ -39,14 +39,33 @@ def test_the_readme_lists_every_series_with_its_type() -> None:
     assert _listed() == _exposed(WorkerMetrics(FakeWorkerState()))
 
 
-def test_device_busy_seconds_count_batches_and_diffusion_erasures_only() -> None:
-    metrics = WorkerMetrics(FakeWorkerState())
+def test_device_busy_seconds_are_the_engines_own_clock() -> None:
+    """The exposed busy time is what the engine process timed on the device (CUDA events
+    on a GPU); the worker's own span of its device calls counts batches and diffusion
+    erasures only."""
+    state = FakeWorkerState(engine={"device_busy_ms": 2500})
+    metrics = WorkerMetrics(state)
     metrics.record_batch(requests=2, seconds=1.5)
     metrics.record_erasure("diffusion", 0.5)
     metrics.record_erasure("classical", 4.0)  # a CPU thread beside the batches
     sample = metrics.registry.get_sample_value
-    assert sample("zimage_device_busy_seconds_total") == 2.0
+    assert sample("zimage_device_busy_seconds_total") == 2.5
+    assert 0 < sample("zimage_device_busy_fraction") <= 1
+    assert metrics.busy_s == 2.0
     assert sample("zimage_erase_seconds_count", {"engine": "classical"}) == 1
+    state.engine["device_busy_ms"] = 4000
+    assert sample("zimage_device_busy_seconds_total") == 4.0
+
+
+def test_every_error_series_exists_at_zero_before_its_first_error() -> None:
+    """So that ``increase()`` sees the first poison request or out-of-memory."""
+    metrics = WorkerMetrics(FakeWorkerState())
+    sample = metrics.registry.get_sample_value
+    for code in ("poison_request", "out_of_memory", "timeout"):
+        assert sample("zimage_request_errors_total", {"task": "generate", "code": code}) == 0
+    metrics.record_result("generate", "failed", "poison_request", cache_hit=False, latency_s=1)
+    poison = {"task": "generate", "code": "poison_request"}
+    assert sample("zimage_request_errors_total", poison) == 1
 
 
 def test_result_latency_is_kept_by_task_and_cache_hit_and_errors_by_code() -> None:

@@ -2,8 +2,8 @@
 
 The transformer's repeated blocks are compiled (``compile_repeated_blocks``), and the
 warm-up makes every graph the worker will need: one image, and any batch, each with two
-caption lengths, so that the batch and sequence dimensions are traced as dynamic (image
-size and caption bucket only change the sequence length). After the warm-up a call that
+caption lengths and two image shapes, so that the batch, sequence and image dimensions
+are traced as dynamic (``WARM_CALLS``). After the warm-up a call that
 would still compile again (a shape the graphs do not cover) runs eager instead, and is
 counted and logged (``compile_miss``): a new shape never stalls the device for a compile,
 and the watchdog never takes a compile for a hang.
@@ -28,13 +28,15 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-#: warm-up calls, as (images, caption): one image and two, each with a short and a long
-#: caption (different caption buckets), so batch and sequence become dynamic dimensions
-WARM_CALLS: tuple[tuple[int, str], ...] = (
-    (1, "warm-up: a white ceramic mug"),
-    (2, "warm-up: a white ceramic mug"),
-    (2, "warm-up: " + "a white ceramic mug on a walnut shelf, soft light, " * 4),
-    (1, "warm-up: " + "a white ceramic mug on a walnut shelf, soft light, " * 4),
+#: warm-up calls, as (images, caption, rows added to the warm-up size's height): one image
+#: and two, each with a short and a long caption (different caption buckets), square and
+#: not (the compiler would otherwise keep "height equals width" as a rule of its graphs),
+#: so that batch, sequence, height and width all become dynamic dimensions
+WARM_CALLS: tuple[tuple[int, str, int], ...] = (
+    (1, "warm-up: a white ceramic mug", 0),
+    (2, "warm-up: a white ceramic mug", 0),
+    (2, "warm-up: " + "a white ceramic mug on a walnut shelf, soft light, " * 4, 16),
+    (1, "warm-up: " + "a white ceramic mug on a walnut shelf, soft light, " * 4, 16),
 )
 
 
@@ -54,7 +56,10 @@ def use_compile_cache(folder: Path | None) -> str | None:
 
 
 class CompiledCalls:
-    """Runs model calls on compiled modules; a call that would compile again runs eager."""
+    """Runs model calls on compiled modules; a call that would compile again runs eager.
+
+    ``torch.compiler.set_stance`` is process-wide: this is right while one thread (the
+    engine's device thread) runs all compiled code, as the engine process does."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -88,6 +93,12 @@ def _is_recompile(exc: Exception) -> bool:
     return isinstance(exc, RecompileError) or str(exc).startswith(
         "Detected recompile when torch.compile stance is 'fail_on_recompile'"
     )
+
+
+#: image sizes the compiled VAE decoder is warmed for, beside the warm-up's own: the
+#: contract's default. Convolutions keep size-range rules in their graphs even when traced
+#: dynamic, so other sizes decode eager (and are counted as misses).
+VAE_WARM_SIZES: tuple[int, ...] = (1024,)
 
 
 def compile_vae_decoder(vae: Any) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,12 +42,13 @@ def resolve_dtype(name: str) -> torch.dtype:
 def select_attention_backend(requested: str, device: str) -> tuple[str, str]:
     """The diffusers attention backend to use, and why.
 
-    ``auto`` takes the fastest kernel this machine has: on CUDA, FlashAttention 3 on
-    Hopper (the ``flash_attn_interface`` package), then FlashAttention 2 (``flash_attn``),
-    then cuDNN attention on Hopper and newer; PyTorch SDPA (``native``, which picks its
-    own kernel) everywhere else. Flash kernels take no attention mask: a batch whose
-    captions would need one runs through SDPA (see ``ImageEngine``); the worker batches
-    within one caption bucket, so its batches never do.
+    ``auto`` takes a FlashAttention kernel where diffusers can use one: FlashAttention 3
+    on Hopper (diffusers' ``flash_attn_3`` check), then FlashAttention 2 (flash-attn
+    2.6.3 or newer, Ampere or newer); PyTorch SDPA (``native``, which picks its own
+    kernel) everywhere else. cuDNN attention is not among them: on an H200 it measured
+    slower than SDPA (README, "On a GPU"). Flash kernels take no attention mask: a call
+    whose captions would need one runs through SDPA (see ``ImageEngine``); the worker
+    batches within one caption bucket, so its generate-only batches never do.
     """
     if requested != "auto":
         return requested, "set by ZIMAGE_ATTENTION_BACKEND"
@@ -56,17 +56,23 @@ def select_attention_backend(requested: str, device: str) -> tuple[str, str]:
         return "native", f"auto: PyTorch SDPA on {device}"
     major, minor = torch.cuda.get_device_capability()
     arch = f"sm{major}{minor}"
-    if major == 9 and _installed("flash_attn_interface"):
-        return "_flash_3", f"auto: FlashAttention 3 on {arch} (flash_attn_interface installed)"
-    if _installed("flash_attn"):
-        return "flash", f"auto: FlashAttention 2 on {arch} (flash_attn installed)"
-    if major >= 9:
-        return "_native_cudnn", f"auto: cuDNN attention on {arch} (no flash-attn package)"
-    return "native", f"auto: PyTorch SDPA on {arch} (no flash-attn package, pre-Hopper)"
+    if major == 9 and _flash_attn_3():
+        return "_flash_3", f"auto: FlashAttention 3 on {arch}"
+    if major >= 8 and _flash_attn_2():
+        return "flash", f"auto: FlashAttention 2 on {arch}"
+    return "native", f"auto: PyTorch SDPA on {arch} (no usable flash-attn package)"
 
 
-def _installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
+def _flash_attn_3() -> bool:
+    from diffusers.utils import is_flash_attn_3_available
+
+    return bool(is_flash_attn_3_available())
+
+
+def _flash_attn_2() -> bool:
+    from diffusers.utils import is_flash_attn_available, is_flash_attn_version
+
+    return bool(is_flash_attn_available() and is_flash_attn_version(">=", "2.6.3"))
 
 
 def needs_padding_mask(caption_lengths: list[int], multiple: int = CAPTION_MULTIPLE) -> bool:
@@ -97,9 +103,10 @@ def memory_summary(device: str) -> dict[str, Any]:
 
 
 class DeviceClock:
-    """Seconds the device spent on model calls: CUDA events on a GPU (from the first kernel
-    of a call to its last, so host-side gaps between calls do not count), the wall clock
-    of the call elsewhere."""
+    """Seconds the device spent on model calls: on a GPU, CUDA events recorded on the
+    stream at a call's start and end (gaps between calls do not count; host work inside a
+    call, such as tokenizing or turning a decoded tensor into a picture, does); the
+    wall clock of the call elsewhere."""
 
     def __init__(self, device: str) -> None:
         self.busy_s = 0.0

@@ -61,17 +61,22 @@ class DiffusionInpainter:
     def _inpaint(self, crop: Image.Image, hole: Image.Image, deadline: float | None) -> Image.Image:
         side = min(self._model_px, max(MIN_CROP_PX, (max(crop.size) + 15) // 16 * 16))
         pipe = self._inpaint_pipe()
-        output = pipe(
-            prompt=PROMPT,
-            image=crop.resize((side, side), Image.Resampling.LANCZOS),
-            mask_image=hole.resize((side, side), Image.Resampling.NEAREST),
-            strength=1.0,
-            height=side,
-            width=side,
-            num_inference_steps=self._steps,
-            guidance_scale=0.0,
-            generator=torch.Generator(device="cpu").manual_seed(0),
-            callback_on_step_end=self._engine.step_callback(None, self._steps, deadline),
+        # Its modules are the engine's: on compiled blocks, a shape no graph covers runs
+        # eager rather than compiling on the device thread.
+        output = self._engine.compiled.run(
+            lambda: pipe(
+                prompt=PROMPT,
+                image=crop.resize((side, side), Image.Resampling.LANCZOS),
+                mask_image=hole.resize((side, side), Image.Resampling.NEAREST),
+                strength=1.0,
+                height=side,
+                width=side,
+                num_inference_steps=self._steps,
+                guidance_scale=0.0,
+                generator=torch.Generator(device="cpu").manual_seed(0),
+                callback_on_step_end=self._engine.step_callback(None, self._steps, deadline),
+            ),
+            f"inpaint {side}x{side}",
         )
         image: Image.Image = output.images[0]
         return image

@@ -27,7 +27,13 @@ from ..errors import ModelUnavailableError
 from ..schemas import MAX_SEED, ModelInfo
 from ..settings import EngineSettings
 from .calls import BatchShape, CaptionRule, GenerateJob, LoadReport
-from .compilation import WARM_CALLS, CompiledCalls, compile_vae_decoder, use_compile_cache
+from .compilation import (
+    VAE_WARM_SIZES,
+    WARM_CALLS,
+    CompiledCalls,
+    compile_vae_decoder,
+    use_compile_cache,
+)
 from .device import (
     MASKLESS_BACKENDS,
     DeviceClock,
@@ -134,9 +140,7 @@ class ImageEngine:
         quantization, quantization_reason = quantize_transformer(
             pipe.transformer, settings.quantization, self._device
         )
-        backend, backend_reason = select_attention_backend(settings.attention_backend, self._device)
-        if backend != "native":
-            pipe.transformer.set_attention_backend(backend)
+        backend, backend_reason = self._set_attention_backend(pipe)
         compile_cache = self._compile(pipe)
         self._pipe = pipe
         # The caption counter's own tokenizer: a fast tokenizer changes its padding and
@@ -161,6 +165,24 @@ class ImageEngine:
         )
         log.info("model_loaded", **self._report.as_dict())
         return self._report
+
+    def _set_attention_backend(self, pipe: Any) -> tuple[str, str]:
+        """Set the attention backend ``ZIMAGE_ATTENTION_BACKEND`` asks for; one that
+        ``auto`` chose and diffusers refuses falls back to SDPA, with the reason."""
+        requested = self._settings.attention_backend
+        backend, reason = select_attention_backend(requested, self._device)
+        if backend == "native":
+            return backend, reason
+        try:
+            pipe.transformer.set_attention_backend(backend)
+        except (RuntimeError, ValueError) as exc:
+            if requested != "auto":
+                raise ModelUnavailableError(
+                    f"ZIMAGE_ATTENTION_BACKEND={requested} cannot run here: {exc}"
+                ) from exc
+            log.warning("attention_backend_refused", backend=backend, error=str(exc)[:200])
+            return "native", f"auto: {backend} refused by diffusers ({str(exc)[:120]}); SDPA"
+        return backend, reason
 
     def _compile(self, pipe: Any) -> str | None:
         """Compile what ``ZIMAGE_COMPILE`` asks for (graphs are made at warm-up, see
@@ -232,17 +254,28 @@ class ImageEngine:
         started = time.perf_counter()
         size = self._settings.warmup_size
         steps = 2
-        calls: tuple[tuple[int, str], ...] = ((1, "warm-up: a white ceramic mug"),)
+        calls: tuple[tuple[int, str, int], ...] = ((1, "warm-up: a white ceramic mug", 0),)
         if self.compiled.enabled:
             steps, calls = 1, WARM_CALLS
-        shape = BatchShape(width=size, height=size, num_inference_steps=steps, guidance_scale=0.0)
-        for images, prompt in calls:
+        for images, prompt, taller in calls:
+            shape = BatchShape(size, size + taller, num_inference_steps=steps, guidance_scale=0.0)
             self.generate([GenerateJob(prompt, num_images=images, seed=0)], shape)
+        if self.compiled.enabled and self._settings.compile_vae:
+            self._warm_decoder()
         self.compiled.warmed()
         warmup_s = round(time.perf_counter() - started, 3)
         self._report = replace(self.report, warmup_s=warmup_s)
         log.info("model_warmed_up", warmup_s=warmup_s, **memory_summary(self._device))
         return self._report
+
+    def _warm_decoder(self) -> None:
+        vae = self._pipe.vae
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        for size in VAE_WARM_SIZES:
+            latent = torch.zeros(
+                vae.config.latent_channels, size // scale, size // scale, device=vae.device
+            )
+            self._decode(latent)
 
     def generate(
         self,
@@ -275,7 +308,9 @@ class ImageEngine:
         # 2. Denoise all images in one call (one generator per image: image i of a job
         # uses seed + i), on the compiled graphs when they cover this shape.
         self._fault("call", len(prompt_embeds))
-        with self._attention_for([int(e.shape[0]) for e in prompt_embeds]):
+        # With guidance the negative captions run in the same batch: they count too.
+        captions = [int(e.shape[0]) for e in prompt_embeds + negative_embeds]
+        with self._attention_for(captions):
             latents = self.compiled.run(
                 lambda: (
                     pipe(

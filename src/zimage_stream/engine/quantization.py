@@ -39,8 +39,10 @@ def fp8_targets(transformer: torch.nn.Module) -> list[str]:
     ]
 
 
-def fp8_unavailable(device: str) -> str | None:
+def fp8_unavailable(device: str, dtype: torch.dtype) -> str | None:
     """Why FP8 cannot run here, or None when it can."""
+    if dtype != torch.bfloat16:  # torchao's per-row scales are for bf16 weights
+        return f"fp8 needs ZIMAGE_DTYPE=bfloat16 (the model runs in {dtype})"
     if device != "cuda":
         return f"fp8 needs a CUDA device (running on {device})"
     major, minor = torch.cuda.get_device_capability()
@@ -56,7 +58,7 @@ def quantize_transformer(transformer: Any, requested: str, device: str) -> tuple
     and why."""
     if requested == "none":
         return "none", "set by ZIMAGE_QUANTIZATION"
-    reason = fp8_unavailable(device)
+    reason = fp8_unavailable(device, next(transformer.parameters()).dtype)
     if reason is not None:
         log.warning("quantization_unavailable", requested=requested, reason=reason)
         return "none", reason

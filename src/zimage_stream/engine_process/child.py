@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
@@ -200,14 +201,20 @@ class EngineChild:
 
     def _erase(self, call: EraseCall) -> None:
         self._send(Started(call.call_id))
+        clock = self._engine.clock
+        busy_s = clock.busy_s
         try:
             deadline = time.monotonic() + call.budget_s  # from when decoding starts
-            erased = self._text_eraser().erase(
-                decode_image(call.data), call.engine, call.languages, deadline
-            )
+            # A diffusion erasure runs on the device thread: the device's time.
+            on_device = clock.timing() if call.engine == "diffusion" else nullcontext()
+            with on_device:
+                erased = self._text_eraser().erase(
+                    decode_image(call.data), call.engine, call.languages, deadline
+                )
             image = self._encoded(erased.image, call.image_format)
             regions = [box.as_region() for box in erased.regions]
-            self._send(Done(call.call_id, results=Erased(image, regions)))
+            stats = {"device_busy_ms": round((clock.busy_s - busy_s) * 1000)}
+            self._send(Done(call.call_id, results=Erased(image, regions), stats=stats))
         except Exception as exc:
             if not isinstance(exc, ZImageError):
                 log.exception("erase_failed")
