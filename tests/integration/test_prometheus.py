@@ -4,10 +4,12 @@ and histogram-quantile queries the dashboard is made of answer from the worker's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import shutil
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -62,6 +64,20 @@ class PrometheusServer(LocalService):
 
     def _hint(self) -> str:
         return f" (its log: {self.folder / 'prometheus.log'})"
+
+    def start(self) -> PrometheusServer:
+        """Start, and wait until it is ready: it listens (and answers 503) before its
+        storage has opened."""
+        super().start()
+        url = f"http://127.0.0.1:{self.port}/-/ready"
+        for _ in range(int(self.start_timeout_s / 0.25)):
+            # urllib's HTTPError (the 503) is an OSError
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return self
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"prometheus was not ready in {self.start_timeout_s:g} s{self._hint()}")
 
     def api(self, path: str, **params: str) -> Any:
         query = urllib.parse.urlencode(params)
