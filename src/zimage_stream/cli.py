@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the cleaned image (.png keeps transparency)",
     )
     erase.add_argument("--engine", choices=["auto", "classical", "diffusion"], default="auto")
+    erase.add_argument(
+        "--languages",
+        nargs="+",
+        choices=["en", "ch"],
+        default=["en", "ch"],
+        help="the text to erase (default both): a line of the other script only is kept",
+    )
     replay = sub.add_parser(
         "replay", help="re-publish requests from a time or offset range of the requests topic"
     )
@@ -183,7 +190,7 @@ def _erase(args: argparse.Namespace) -> int:
     try:
         source = decode_image(args.image.read_bytes())
         eraser = TextEraser(detector_for(settings.ocr), **_diffusion(settings, args.engine))
-        result = eraser.erase(source, args.engine)
+        result = eraser.erase(source, args.engine, languages=args.languages)
     except FileNotFoundError:
         print(f"error: {args.image} does not exist", file=sys.stderr)
         return 2
