@@ -39,5 +39,7 @@ def inpaint_classical(
         crop = np.ascontiguousarray(rgb[y0:y1, x0:x1, ::-1])
         hole = np.where(labels[y0:y1, x0:x1] == index, hard[y0:y1, x0:x1], 0)
         result = cv2.inpaint(crop, hole.astype(np.uint8), radius, cv2.INPAINT_TELEA)
-        filled[y0:y1, x0:x1] = result[..., ::-1]
+        # Only the hole is written back: the crop can reach into a neighbouring region
+        # already filled (glyphs a few pixels apart), which the source would restore.
+        filled[y0:y1, x0:x1][hole > 0] = result[..., ::-1][hole > 0]
     return filled

@@ -123,7 +123,7 @@ class TextEraser:
         for attempt in range(1, MAX_PASSES + 1):
             if not boxes:
                 break
-            layer = text_mask(rgb.shape[:2], boxes)
+            layer = text_mask(cleaned, boxes)
             mask = np.maximum(mask, layer.hard)
             touched |= layer.soft > 0
             cleaned = _fill_pass(fill, cleaned, layer, budget, attempt)
