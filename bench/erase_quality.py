@@ -328,6 +328,8 @@ class Figures:
     far: list[tuple[int, int]] = field(default_factory=list)  # pixels, changed
     edges_moved: list[int] = field(default_factory=list)  # images with a product only
     seconds: list[float] = field(default_factory=list)
+    stages: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    unsure: int = 0
     psnrs: list[float] = field(default_factory=list)
     ssims: list[float] = field(default_factory=list)
 
@@ -359,6 +361,9 @@ def measure(figures: Figures, seed: int, sample: Sample, source: np.ndarray, res
         for name, value in instance.strata.items():
             figures.per_stratum[(name, value)].append(len(figures.erased) - 1)
     figures.seconds.append(result.seconds)
+    for name, seconds in result.stages.items():
+        figures.stages[name].append(seconds)
+    figures.unsure += result.unsure
     figures.psnrs.append(psnr(output, sample.clean))
     figures.ssims.append(float(similarity.mean()))
 
@@ -412,6 +417,10 @@ def report(figures: Figures) -> None:
         f"SSIM median {statistics.median(f.ssims):.3f}"
     )
     print(f"seconds per image: median {statistics.median(f.seconds):.2f}, max {max(f.seconds):.2f}")
+    if f.stages:
+        parts = [f"{name} {sum(values) / len(f.seconds):.2f}" for name, values in f.stages.items()]
+        print(f"  mean seconds per image by stage: {', '.join(parts)}")
+        print(f"  text areas filled whole (text not told from its background): {f.unsure}")
     print(
         f"\n{'stratum':<12} {'value':<12} {'n':>4} {'EA':>7} {'PSNR':>6} {'SSIM':>6} {'collat.':>8}"
     )

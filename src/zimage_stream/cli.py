@@ -208,6 +208,7 @@ def _erase(args: argparse.Namespace) -> int:
                 "output": str(args.output),
                 "text_regions": regions,
                 "seconds": round(result.seconds, 3),
+                "stages_s": {name: round(value, 3) for name, value in result.stages.items()},
             },
             ensure_ascii=False,
             indent=2,

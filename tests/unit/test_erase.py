@@ -28,7 +28,7 @@ from tests.support.render import (
     with_text,
 )
 from zimage_stream.engine import ImageEngine
-from zimage_stream.engine.inpaint import DiffusionInpainter
+from zimage_stream.engine.inpaint import DiffusionInpainter, _crops
 from zimage_stream.erase import TextEraser, decode_image, make_detector, read_source
 from zimage_stream.erase.classical import inpaint_classical
 from zimage_stream.erase.ocr import LANGUAGES, RapidOcrDetector, TextBox
@@ -345,12 +345,26 @@ def test_diffusion_engine_runs_end_to_end_on_the_miniature_model(
     assert (out != before).any(-1)[rendered.strokes].mean() > 0.5  # the text was repainted
     # from_pipe shares the loaded weights: no second copy of the transformer.
     assert inpainter._pipe.transformer is engine.pipeline.transformer
-    # The masks hug the strokes, as the classical engine's do.
+    # The masks hug the strokes, as the classical engine's do, and the report is the same.
     classical = eraser.erase(decode_image(png_bytes(rendered.image)), "classical")
     distance = cv2.distanceTransform((~rendered.strokes).astype(np.uint8), cv2.DIST_L2, 5)
     for erased in (result, classical):
         assert erased.mask[rendered.strokes].all()
         assert np.percentile(distance[erased.mask > 0], 99) <= 12
+    assert set(result.stages) == set(classical.stages) == {"find", "mask", "fill", "look_again"}
+
+
+def test_the_diffusion_engine_fills_a_line_of_hugging_masks_in_one_crop() -> None:
+    # The masks hug the strokes, so a line is many small regions; the diffusion engine
+    # still makes one crop (one pipeline call) of it, and one for a line far from it.
+    region = np.zeros((600, 1000), bool)
+    for left in range(100, 500, 40):  # glyphs 30 px wide, 10 px apart
+        region[100:140, left : left + 30] = True
+    region[450:480, 700:800] = True
+    crops = _crops(region, region.shape)
+    assert len(crops) == 2
+    x0, y0, x1, y1 = crops[0]
+    assert x0 <= 100 and x1 >= 490 and y0 <= 100 and y1 >= 140
 
 
 class _StandInDetector:
