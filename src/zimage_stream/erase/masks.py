@@ -10,9 +10,12 @@ gradient) counted as background too, and a pixel that is further from all of tha
 the ring's own pixels are from it is text. That holds for solid, outlined and
 translucent text alike, and a line laid across a product leaves the product's outline
 alone. The text pixels plus a small margin (anti-aliased and JPEG-blurred stroke edges)
-are filled, feathered by a few pixels. Where the separation is unsure (too little
-contrast against the ring's own spread, as for faint text on grain, or nothing, or most
-of the area, standing out) the whole area is filled, feathered with the text's size.
+are filled, feathered by a few pixels. On a clean background (the ring's spread at its
+floor) whatever stands out is text, however little of it there is, so a box with
+nothing on it (a product's handle read as a glyph) is left alone. Elsewhere, where the
+separation is unsure (too little contrast against the ring's own spread, as for faint
+text on grain, or nothing, or most of the area, standing out) the whole area is filled,
+feathered with the text's size.
 
 ``hard`` (uint8, 0/255) is what gets inpainted; ``soft`` (float32, 0..1) composites the
 result back: 1 over the hard mask, falling to exactly 0 a few pixels outside it, so
