@@ -215,6 +215,13 @@ def _other_parsers(sub: Any) -> None:
         help="classical: fast CPU inpainting; diffusion: the model; auto: diffusion on a GPU "
         "(default: %(default)s)",
     )
+    erase.add_argument(
+        "--languages",
+        nargs="+",
+        choices=["en", "ch"],
+        default=["en", "ch"],
+        help="the text to erase (default: both): a line of the other script only is kept",
+    )
     demo = sub.add_parser("demo", help="run the whole flow on this machine, no services needed")
     demo.add_argument(
         "--model",
@@ -350,7 +357,7 @@ def _erase(args: argparse.Namespace) -> int:
     try:
         source = decode_image(args.image.read_bytes())
         eraser = TextEraser(detector_for(settings.ocr), **_diffusion(settings, args.engine))
-        result = eraser.erase(source, args.engine)
+        result = eraser.erase(source, args.engine, languages=args.languages)
     except FileNotFoundError:
         print(f"error: {args.image} does not exist", file=sys.stderr)
         return 2
@@ -368,6 +375,7 @@ def _erase(args: argparse.Namespace) -> int:
                 "output": str(args.output),
                 "text_regions": regions,
                 "seconds": round(result.seconds, 3),
+                "stages_s": {name: round(value, 3) for name, value in result.stages.items()},
             },
             ensure_ascii=False,
             indent=2,

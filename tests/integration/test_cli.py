@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.integration.conftest import run_cli
-from tests.support.render import LATIN_FONT, png_bytes, product_scene, with_text
+from tests.support.render import LATIN_FONT, cjk_font, png_bytes, product_scene, with_text
 from zimage_stream.settings import Settings
 from zimage_stream.testing import running_worker
 
@@ -102,6 +102,45 @@ async def test_erase_with_the_diffusion_engine_loads_the_model(
         assert cleaned.size == (320, 240)
         changed = np.asarray(cleaned.convert("RGB")) != np.asarray(rendered.image)
     assert changed.any(-1)[rendered.strokes].mean() > 0.5  # the text's pixels were filled
+
+
+def test_erase_languages_keeps_the_other_scripts_line(tmp_path: Path) -> None:
+    font = cjk_font()
+    if font is None:
+        pytest.skip("no CJK font (apt-get install fonts-wqy-zenhei)")
+    english = with_text(
+        product_scene(), [("SALE 50% OFF", (60, 60), LATIN_FONT, 48, (200, 20, 20))]
+    )
+    both = with_text(english.image, [("限时特惠 包邮", (560, 650), font, 56, (25, 25, 25))])
+    image, output = tmp_path / "in.png", tmp_path / "out.png"
+    image.write_bytes(png_bytes(both.image))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
+    out = subprocess.run(
+        [
+            *CLI,
+            "erase",
+            str(image),
+            "-o",
+            str(output),
+            "--engine",
+            "classical",
+            "--languages",
+            "en",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    texts = [region["text"] for region in json.loads(out.stdout)["text_regions"]]
+    assert texts and all("限" not in text for text in texts), texts
+    with Image.open(output) as cleaned:
+        pixels = np.asarray(cleaned.convert("RGB"))
+    before = np.asarray(both.image)
+    chinese = both.strokes & ~english.strokes
+    assert np.array_equal(pixels[chinese], before[chinese]), "the Chinese line was touched"
+    assert (pixels != before).any(-1)[english.strokes].mean() > 0.5, "the English line stayed"
 
 
 def test_python_dash_m_runs_the_command_line() -> None:

@@ -6,6 +6,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -35,6 +36,26 @@ def product_scene(width: int = 1024, height: int = 768) -> Image.Image:
     draw = ImageDraw.Draw(scene)
     draw.ellipse((width * 0.38, height * 0.3, width * 0.68, height * 0.8), fill=(90, 120, 160))
     return scene
+
+
+def mug_scene(width: int = 640, height: int = 360) -> tuple[Image.Image, np.ndarray]:
+    """A shaded blue mug with a handle on a warm gradient; and the mug's outline (bool)."""
+    ramp = np.linspace(170, 230, width, dtype=np.float32)[None, :, None]
+    backdrop = ramp + np.array([20, 0, -40], np.float32)
+    pixels = np.broadcast_to(backdrop, (height, width, 3)).copy()
+    scale = 4
+    layer = Image.new("L", (width * scale, height * scale), 0)
+    draw = ImageDraw.Draw(layer)
+    draw.rounded_rectangle((880, 240, 1760, 1200), radius=80, fill=255)
+    draw.ellipse((1560, 480, 2080, 1000), outline=255, width=70)
+    alpha = np.asarray(layer.resize((width, height), Image.Resampling.BOX), np.float32) / 255
+    shade = np.linspace(1.1, 0.8, width, dtype=np.float32)[None, :, None]
+    body = np.array([50, 70, 150], np.float32) * shade
+    pixels = pixels * (1 - alpha[..., None]) + body * alpha[..., None]
+    image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+    inside = (alpha >= 0.5).astype(np.uint8)
+    outline = cv2.morphologyEx(inside, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    return image, outline
 
 
 def with_text(

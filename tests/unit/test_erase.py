@@ -19,9 +19,16 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO
-from tests.support.render import LATIN_FONT, cjk_font, png_bytes, product_scene, with_text
+from tests.support.render import (
+    LATIN_FONT,
+    cjk_font,
+    mug_scene,
+    png_bytes,
+    product_scene,
+    with_text,
+)
 from zimage_stream.engine import ImageEngine
-from zimage_stream.engine.inpaint import DiffusionInpainter
+from zimage_stream.engine.inpaint import DiffusionInpainter, _crops
 from zimage_stream.erase import TextEraser, decode_image, make_detector, read_source
 from zimage_stream.erase.classical import inpaint_classical
 from zimage_stream.erase.ocr import LANGUAGES, RapidOcrDetector, TextBox
@@ -153,6 +160,34 @@ def test_classical_output_has_no_detectable_text(
     clean = np.asarray(rendered.clean).astype(int)
     error = np.abs(np.asarray(result.image).astype(int) - clean)[rendered.strokes]
     assert error.mean() < 12
+
+
+@pytest.mark.parametrize(
+    ("text", "colour", "opacity"),
+    [("SAMPLE 样品", (90, 90, 90), 0.6), ("NEW ARRIVAL", (255, 255, 255), 1.0)],
+    ids=["translucent-watermark", "white-line"],
+)
+def test_a_line_across_a_product_leaves_the_product_alone(
+    eraser: TextEraser, text: str, colour: tuple[int, int, int], opacity: float
+) -> None:
+    # The mug: a watermark across its edge and handle, a white line across its
+    # left edge. The text goes; the mug's outline away from it keeps its place and the
+    # picture around it stays (before the masks hugged the strokes, about 40 % of the
+    # outline moved and 1.5 % of the pixels further than 12 px from the text changed).
+    font = cjk_font() if not text.isascii() else LATIN_FONT
+    if font is None:
+        pytest.skip("no CJK font (apt-get install fonts-wqy-zenhei)")
+    mug, outline = mug_scene(1024, 576)
+    at, size = ((150, 260), 48) if opacity < 1 else ((100, 120), 40)
+    drawn = with_text(mug, [(text, at, font, size, colour)])
+    image = Image.blend(mug, drawn.image, opacity)
+    strokes = (np.asarray(image) != np.asarray(mug)).any(-1)
+    result = eraser.erase(decode_image(png_bytes(image)), "classical")
+    assert result.mask.astype(bool)[strokes].all()
+    moved = np.abs(np.asarray(result.image).astype(int) - np.asarray(image)).max(-1) > 12
+    far = cv2.distanceTransform((~strokes).astype(np.uint8), cv2.DIST_L2, 5) > 12
+    assert (moved & far & outline).sum() < 0.05 * outline.sum(), "the mug's outline moved"
+    assert (moved & far).sum() < 0.005 * far.sum(), "pixels away from the text changed"
 
 
 def test_an_image_without_text_comes_back_unchanged(eraser: TextEraser) -> None:
@@ -310,6 +345,26 @@ def test_diffusion_engine_runs_end_to_end_on_the_miniature_model(
     assert (out != before).any(-1)[rendered.strokes].mean() > 0.5  # the text was repainted
     # from_pipe shares the loaded weights: no second copy of the transformer.
     assert inpainter._pipe.transformer is engine.pipeline.transformer
+    # The masks hug the strokes, as the classical engine's do, and the report is the same.
+    classical = eraser.erase(decode_image(png_bytes(rendered.image)), "classical")
+    distance = cv2.distanceTransform((~rendered.strokes).astype(np.uint8), cv2.DIST_L2, 5)
+    for erased in (result, classical):
+        assert erased.mask[rendered.strokes].all()
+        assert np.percentile(distance[erased.mask > 0], 99) <= 12
+    assert set(result.stages) == set(classical.stages) == {"find", "mask", "fill", "look_again"}
+
+
+def test_the_diffusion_engine_fills_a_line_of_hugging_masks_in_one_crop() -> None:
+    # The masks hug the strokes, so a line is many small regions; the diffusion engine
+    # still makes one crop (one pipeline call) of it, and one for a line far from it.
+    region = np.zeros((600, 1000), bool)
+    for left in range(100, 500, 40):  # glyphs 30 px wide, 10 px apart
+        region[100:140, left : left + 30] = True
+    region[450:480, 700:800] = True
+    crops = _crops(region, region.shape)
+    assert len(crops) == 2
+    x0, y0, x1, y1 = crops[0]
+    assert x0 <= 100 and x1 >= 490 and y0 <= 100 and y1 >= 140
 
 
 class _StandInDetector:
@@ -357,7 +412,8 @@ def test_diffusion_erasing_stops_between_denoising_steps_at_the_deadline(
     monkeypatch.setattr(tiny_engine, "free_memory", lambda: frees.append(1))
     inpainter = DiffusionInpainter(tiny_engine, steps=4, model_px=256)
     eraser = TextEraser(_StandInDetector(), diffusion=inpainter, prefer_diffusion=True)
-    source = decode_image(png_bytes(product_scene(512, 384)))
+    rendered = with_text(product_scene(512, 384), [("SALE", (50, 42), LATIN_FONT, 30, DARK)])
+    source = decode_image(png_bytes(rendered.image))  # text where the stand-in finds it
     with pytest.raises(InferenceTimeoutError, match="budget"):
         eraser.erase(source, "diffusion", deadline=deadline)
     assert steps == [1] and frees == [1]  # stopped after the first step; memory freed

@@ -54,9 +54,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+#: the classical erase's own revision: it is in the cache key, so results of an older
+#: way of masking or filling are not served once it changes (2: masks that follow strokes)
+CLASSICAL_REVISION = "2"
+
+
 def classical_model(ocr_backend: str) -> ModelInfo:
     """What produces ``erase_text`` images with the classical engine: the text detector and
-    OpenCV's Telea fill (so its results are cached apart from another detector's)."""
+    OpenCV's Telea fill (so its results are cached apart from another detector's), at the
+    classical erase's revision."""
     return ModelInfo(
-        id=f"classical:{ocr_backend}+opencv-telea", revision=None, device="cpu", dtype="uint8"
+        id=f"classical:{ocr_backend}+opencv-telea",
+        revision=CLASSICAL_REVISION,
+        device="cpu",
+        dtype="uint8",
     )

@@ -4,6 +4,11 @@ OpenCV's Telea inpainting propagates the surrounding colours into the hard mask.
 per region crop, so a 4000 px product photo costs what its text costs, not what its
 pixels cost. The eraser blends the result in through the feathered mask. Past its
 deadline it stops between two regions with ``TimeoutError``.
+
+Telea diffuses colour inward, which flattens grain, but the masks hug the strokes, so
+what it fills is a few pixels wide. OpenCV's frequency-selective reconstruction (FSR,
+``cv2.xphoto`` in the contrib build) keeps more of a texture's structure; measured on the
+bench's textured images it was not worth its time (the figures are in the README).
 """
 
 from __future__ import annotations
@@ -39,5 +44,7 @@ def inpaint_classical(
         crop = np.ascontiguousarray(rgb[y0:y1, x0:x1, ::-1])
         hole = np.where(labels[y0:y1, x0:x1] == index, hard[y0:y1, x0:x1], 0)
         result = cv2.inpaint(crop, hole.astype(np.uint8), radius, cv2.INPAINT_TELEA)
-        filled[y0:y1, x0:x1] = result[..., ::-1]
+        # Only the hole is written back: the crop can reach into a neighbouring region
+        # already filled (glyphs a few pixels apart), which the source would restore.
+        filled[y0:y1, x0:x1][hole > 0] = result[..., ::-1][hole > 0]
     return filled

@@ -8,8 +8,9 @@ it has passed, the erase stops with the contract's ``timeout``.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 import cv2
@@ -32,13 +33,18 @@ LOOK_AGAIN_MARGIN_PX = 32
 
 @dataclass(frozen=True)
 class EraseResult:
-    """The cleaned image, the text found before erasing, and the final mask."""
+    """The cleaned image, the text found before erasing, the final mask, and where the
+    time went (``stages``: seconds spent finding, masking, filling and looking again,
+    the same for either engine)."""
 
     image: Image.Image
     regions: list[TextBox]
     mask: np.ndarray  # hard mask: what was inpainted
     touched: np.ndarray  # where any pixel may differ from the source (feathered edges)
     seconds: float
+    stages: dict[str, float] = field(default_factory=dict)
+    #: text areas filled whole, their text not told from its background (see ``masks``)
+    unsure: int = 0
 
 
 Inpainter = Callable[[np.ndarray, np.ndarray, np.ndarray, float | None], np.ndarray]
@@ -112,32 +118,42 @@ class TextEraser:
         """
         started, budget = time.perf_counter(), _Deadline(deadline)
         fill = self._inpainter(engine)
-        rgb = source.pixels
+        rgb, stages = source.pixels, _Stages()
         # 1. Find the text (kept for the result: what was there before erasing).
-        regions = self._detector.detect(rgb, languages=languages)
+        with stages.timing("find"):
+            regions = self._detector.detect(rgb, languages=languages)
         budget.check("after finding the text")
-        boxes, cleaned = list(regions), rgb
+        boxes, cleaned, unsure = list(regions), rgb, 0
         mask = np.zeros(rgb.shape[:2], dtype=np.uint8)
         touched = np.zeros(rgb.shape[:2], dtype=bool)
         # 2. Mask and fill; 3. look again where it was filled, and fill what is left.
         for attempt in range(1, MAX_PASSES + 1):
             if not boxes:
                 break
-            layer = text_mask(rgb.shape[:2], boxes)
-            mask = np.maximum(mask, layer.hard)
+            with stages.timing("mask"):
+                layer = text_mask(cleaned, boxes)
+            mask, unsure = np.maximum(mask, layer.hard), unsure + layer.unsure
             touched |= layer.soft > 0
-            cleaned = _fill_pass(fill, cleaned, layer, budget, attempt)
+            with stages.timing("fill"):
+                cleaned = _fill_pass(fill, cleaned, layer, budget, attempt)
             if attempt == MAX_PASSES:
                 break
             budget.check(f"after filling pass {attempt}, before looking again")
-            boxes = self._look_again(cleaned, layer.hard, languages)
+            with stages.timing("look_again"):
+                boxes = self._look_again(cleaned, layer.hard, languages)
         # 4. Put transparency back exactly as it was.
         image = Image.fromarray(cleaned)
         if source.has_alpha:
             image.putalpha(source.image.getchannel("A"))
         seconds = time.perf_counter() - started
-        log.info("text_erased", regions=len(regions), seconds=round(seconds, 3))
-        return EraseResult(image, regions, mask, touched, seconds)
+        log.info(
+            "text_erased",
+            regions=len(regions),
+            unsure=unsure,
+            seconds=round(seconds, 3),
+            **{f"{name}_s": round(value, 3) for name, value in stages.seconds.items()},
+        )
+        return EraseResult(image, regions, mask, touched, seconds, stages.seconds, unsure)
 
     def _inpainter(self, engine: str) -> Inpainter:
         if self.resolve(engine) == "diffusion":
@@ -165,6 +181,21 @@ class TextEraser:
             found = self._detector.detect(cleaned[y0:y1, x0:x1], read=False, languages=languages)
             boxes.extend(box.shifted(x0, y0) for box in found)
         return boxes
+
+
+@dataclass
+class _Stages:
+    """Seconds spent in each named stage of one erase, summed over its passes."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timing(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
 
 
 def _fill_pass(

@@ -1,11 +1,25 @@
-"""Masks over text: union of text boxes, grown with the text's size, feathered at the edge.
+"""Masks over text: what gets inpainted, and the feathered edge that blends it back.
 
-``hard`` (uint8, 0/255) is what gets inpainted: every box lengthened at both ends of its
-line (detector boxes often stop short of a line's last glyph when it is a thin one:
-"一", "-", ".") and then grown by a share of its text height on every side, so
-anti-aliased edges, shadows and outlines are covered. ``soft`` (float32, 0..1)
-is what composites the result back: 1 over the hard mask, falling to exactly 0 a few
-pixels outside it, so pixels away from the text are unchanged bit for bit.
+A detector box is a region to look in, not the region to fill. Each box is lengthened
+at both ends of its line (detector boxes often stop short of a thin last glyph: "一",
+"-", ".") and grown by a share of its text height on every side; that *area* holds the
+whole line. Inside it the text's pixels are told from their background
+(``_separate``): the colours just outside the area (its *ring*) are the background,
+clustered, with the mixtures of any two of them (a product's anti-aliased outline, a
+gradient) counted as background too, and a pixel that is further from all of that than
+the ring's own pixels are from it is text. That holds for solid, outlined and
+translucent text alike, and a line laid across a product leaves the product's outline
+alone. The text pixels plus a small margin (anti-aliased and JPEG-blurred stroke edges)
+are filled, feathered by a few pixels. On a clean background (the ring's spread at its
+floor) whatever stands out is text, however little of it there is, so a box with
+nothing on it (a product's handle read as a glyph) is left alone. Elsewhere, where the
+separation is unsure (too little contrast against the ring's own spread, as for faint
+text on grain, or nothing, or most of the area, standing out) the whole area is filled,
+feathered with the text's size.
+
+``hard`` (uint8, 0/255) is what gets inpainted; ``soft`` (float32, 0..1) composites the
+result back: 1 over the hard mask, falling to exactly 0 a few pixels outside it, so
+pixels away from the text are unchanged bit for bit.
 """
 
 from __future__ import annotations
@@ -20,37 +34,185 @@ from .ocr import TextBox
 GROW_SHARE = 0.25  # of the text height, on every side
 LINE_END_SHARE = 0.5  # of the text height, at both ends of the line
 MIN_GROW_PX = 3
+#: the background sample: a ring this wide (a share of the text height, at least) around
+#: the area, at least this many pixels of it
+RING_SHARE = 0.25
+MIN_RING_PX = 4
+MIN_RING_SAMPLE = 32
+#: the ring's colours are clustered into this many
+RING_COLOURS = 3
+#: a text pixel is further from the ring's colours than RING_SPREADS times the distance
+#: within which RING_QUANTILE % of the ring's pixels stay, and at least MIN_CONTRAST ...
+RING_QUANTILE = 95.0
+RING_SPREADS = 1.5
+MIN_CONTRAST = 8.0
+#: ... and the separation is sure when the text pixels' median distance is this many
+#: times that threshold and they make up a share of the area within these bounds
+SURE_RATIO = 1.6
+SURE_SHARE = (0.01, 0.6)
+#: text pixels are filled with this margin (a share of the text height, at least) and
+#: feathered by this much
+MARGIN_SHARE = 0.06
+MIN_MARGIN_PX = 3
+FEATHER_PX = 3
 
 
 @dataclass(frozen=True)
 class TextMask:
     hard: np.ndarray
     soft: np.ndarray
+    #: areas filled whole because their text could not be told from its background
+    unsure: int = 0
 
     @property
     def empty(self) -> bool:
         return not self.hard.any()
 
 
-def text_mask(shape: tuple[int, int], boxes: list[TextBox]) -> TextMask:
-    """The hard and feathered masks covering ``boxes`` in an image of ``shape`` (h, w)."""
+@dataclass(frozen=True)
+class _Area:
+    """One box's lengthened and grown area, in a crop of the image around it."""
+
+    crop: tuple[slice, slice]
+    inside: np.ndarray  # uint8 0/255, the crop's size
+    height: float
+    grow: int
+
+
+def text_mask(rgb: np.ndarray, boxes: list[TextBox]) -> TextMask:
+    """The hard and feathered masks over the text in ``boxes`` of ``rgb`` (H, W, 3 uint8)."""
+    shape = rgb.shape[:2]
+    areas = [area for box in boxes if (area := _area(shape, box)) is not None]
+    occupied = np.zeros(shape, dtype=np.uint8)
+    for area in areas:
+        occupied[area.crop] = np.maximum(occupied[area.crop], area.inside)
     hard = np.zeros(shape, dtype=np.uint8)
-    feather = MIN_GROW_PX
-    for box in boxes:
-        grow = max(MIN_GROW_PX, round(GROW_SHARE * box.height))
-        feather = max(feather, grow)
-        single = np.zeros(shape, dtype=np.uint8)
-        polygon = _lengthened(box.polygon, LINE_END_SHARE * box.height)
-        cv2.fillPoly(single, [np.round(polygon).astype(np.int32)], 255)
-        x, y, w, h = cv2.boundingRect(single)
-        if w == 0 or h == 0:
-            continue
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
-        y0, x0 = max(0, y - grow - 1), max(0, x - grow - 1)
-        y1, x1 = min(shape[0], y + h + grow + 1), min(shape[1], x + w + grow + 1)
-        grown = cv2.dilate(single[y0:y1, x0:x1], kernel)
-        hard[y0:y1, x0:x1] = np.maximum(hard[y0:y1, x0:x1], grown)
-    return TextMask(hard=hard, soft=_feathered(hard, feather))
+    soft = np.zeros(shape, dtype=np.float32)
+    unsure = 0
+    for area in areas:
+        text, whole = _separate(rgb[area.crop], area, occupied[area.crop])
+        margin = max(MIN_MARGIN_PX, round(MARGIN_SHARE * area.height))
+        text = _dilated(text, margin)
+        unsure += bool(whole.any())
+        hard[area.crop] = np.maximum(hard[area.crop], np.maximum(text, whole))
+        feathered = np.maximum(_feathered(text, FEATHER_PX), _feathered(whole, area.grow))
+        soft[area.crop] = np.maximum(soft[area.crop], feathered)
+    return TextMask(hard=hard, soft=soft, unsure=unsure)
+
+
+def _area(shape: tuple[int, int], box: TextBox) -> _Area | None:
+    """``box`` lengthened along its line and grown, in a crop with room for its ring and
+    its feather; None for a box with no area."""
+    grow = max(MIN_GROW_PX, round(GROW_SHARE * box.height))
+    ring = max(MIN_RING_PX, round(RING_SHARE * box.height))
+    polygon = np.round(_lengthened(box.polygon, LINE_END_SHARE * box.height)).astype(np.int32)
+    x, y, w, h = cv2.boundingRect(polygon)
+    pad = grow + max(ring, grow) + 2
+    y0, x0 = max(0, y - pad), max(0, x - pad)
+    y1, x1 = min(shape[0], y + h + pad), min(shape[1], x + w + pad)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    inside = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
+    cv2.fillPoly(inside, [polygon - np.array([x0, y0], np.int32)], 255)
+    if not inside.any():
+        return None
+    inside = _dilated(inside, grow)
+    return _Area(np.s_[y0:y1, x0:x1], inside, box.height, grow)
+
+
+def _separate(rgb: np.ndarray, area: _Area, occupied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The text's pixels in ``area``, or the whole area when its text cannot be told from
+    the background with confidence: (text, whole), uint8 0/255, one of them empty."""
+    ring_px = max(MIN_RING_PX, round(RING_SHARE * area.height))
+    ring = (_dilated(area.inside, ring_px) > 0) & (occupied == 0)
+    inside = area.inside > 0
+    nothing = np.zeros(inside.shape, np.uint8)
+    if ring.sum() < MIN_RING_SAMPLE:
+        return nothing, area.inside
+    distance, threshold = _colour_distance(rgb, ring, inside)
+    text = inside & (distance > threshold)
+    share = text.sum() / inside.sum()
+    if threshold <= MIN_CONTRAST and share < SURE_SHARE[0]:
+        return text.astype(np.uint8) * 255, nothing  # a clean background, little on it
+    if not SURE_SHARE[0] <= share <= SURE_SHARE[1]:
+        return nothing, area.inside
+    if np.median(distance[text]) < SURE_RATIO * threshold:
+        return nothing, area.inside
+    return text.astype(np.uint8) * 255, nothing
+
+
+def _colour_distance(
+    rgb: np.ndarray, ring: np.ndarray, inside: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Every inside pixel's distance from the ring's colours, and the distance beyond which a
+    pixel stands out of them: RING_SPREADS times the distance within which RING_QUANTILE
+    of the ring's own pixels stay (a share, not the farthest, as a ring can hold a stray
+    stroke), at least MIN_CONTRAST. The colours are taken as they are or less the colour
+    plane that fits the ring best (a gradient's dark end is not text on its light end),
+    whichever the ring fits more tightly."""
+    best: tuple[np.ndarray, float] | None = None
+    for pixels in (rgb.astype(np.float32), _levelled(rgb, ring)):
+        colours = _colours(pixels[ring])
+        sample = pixels[ring][:: max(1, int(ring.sum()) // 4000)]
+        spread = float(np.percentile(_distance(sample, colours), RING_QUANTILE))
+        threshold = max(MIN_CONTRAST, RING_SPREADS * spread)
+        if best is None or threshold < best[1]:
+            distance = np.zeros(ring.shape, np.float32)
+            distance[inside] = _distance(pixels[inside], colours)
+            best = (distance, threshold)
+        if threshold <= MIN_CONTRAST:  # as tight as it gets: no need to level it
+            break
+    assert best is not None
+    return best
+
+
+def _levelled(rgb: np.ndarray, ring: np.ndarray) -> np.ndarray:
+    """The crop's colours less the colour plane (a + b x + c y per channel) that fits the
+    ring best."""
+    pixels = rgb.astype(np.float32)
+    ys, xs = np.nonzero(ring)
+    design = np.stack([np.ones(len(xs)), xs, ys], 1).astype(np.float32)
+    plane, *_ = np.linalg.lstsq(design, pixels[ring], rcond=None)
+    height, width = ring.shape
+    gy, gx = np.mgrid[0:height, 0:width].astype(np.float32)
+    levelled: np.ndarray = pixels - gx[..., None] * plane[1] - gy[..., None] * plane[2]
+    return levelled
+
+
+def _colours(sample: np.ndarray) -> np.ndarray:
+    """The background's main colours (k, 3): the ring's pixels clustered."""
+    k = min(RING_COLOURS, len(sample))
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 10, 1.0)
+    step = max(1, len(sample) // 2000)  # a subsample clusters the same, faster
+    data = np.ascontiguousarray(sample[::step], np.float32)
+    labels = np.zeros((len(data), 1), np.int32)  # not read: the centres start k-means++
+    _, _, centres = cv2.kmeans(data, k, labels, criteria, 2, cv2.KMEANS_PP_CENTERS)
+    return np.asarray(centres, np.float32)
+
+
+def _distance(pixels: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """Each pixel's (n, 3) distance to the background: to the nearest of ``colours`` or of
+    the mixtures (segments) between two of them."""
+    first, second = np.triu_indices(len(colours))  # every pair, and each colour alone
+    starts, spans = colours[first], colours[second] - colours[first]
+    lengths = np.maximum((spans * spans).sum(1), 1e-6)
+    # |p - a - t s|^2 with t = clip((p - a) . s / |s|^2, 0, 1), for every pair at once
+    along = pixels @ spans.T - (starts * spans).sum(1)  # (p - a) . s
+    t = np.clip(along / lengths, 0.0, 1.0)
+    squared = (
+        (pixels * pixels).sum(1)[:, None]
+        - 2 * pixels @ starts.T
+        + (starts * starts).sum(1)
+        - 2 * t * along
+        + t * t * lengths
+    )
+    distance: np.ndarray = np.sqrt(np.maximum(squared.min(1), 0.0))
+    return distance
+
+
+def _dilated(mask: np.ndarray, by: int) -> np.ndarray:
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * by + 1, 2 * by + 1))
+    return cv2.dilate(mask, kernel)
 
 
 def _lengthened(polygon: np.ndarray, by: float) -> np.ndarray:
@@ -70,7 +232,7 @@ def _feathered(hard: np.ndarray, width: int) -> np.ndarray:
     if not hard.any():
         return np.zeros(hard.shape, dtype=np.float32)
     size = 2 * width + 1
-    ring = cv2.dilate(hard, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
+    ring = _dilated(hard, width)
     soft = cv2.GaussianBlur(ring.astype(np.float32) / 255.0, (size, size), width / 2)
     soft = np.maximum(soft, hard.astype(np.float32) / 255.0)
     soft[ring == 0] = 0.0  # exactly zero outside the feather ring
