@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from zimage_stream.settings import Settings, explain, unknown_variables
+from zimage_stream.cli import main
+from zimage_stream.settings import Settings, StorageSettings, explain, unknown_variables
+from zimage_stream.storage import Storage
 
 
 def test_a_misspelt_variable_is_named_with_the_nearest_setting() -> None:
@@ -33,3 +37,17 @@ def test_a_wrong_value_names_its_variable_and_hides_secrets() -> None:
     assert "ZIMAGE_HTTP_PORT=70000" in message
     assert "ZIMAGE_KAFKA_SASL_PASSWORD:" in message and "5" not in message.split("PASSWORD")[1][:3]
     assert "\n" not in message
+
+
+def test_a_storage_folder_that_cannot_be_made_is_one_line_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").write_bytes(b"")
+    unusable = tmp_path / "a-file" / "images"
+    with pytest.raises(ValueError, match=r"ZIMAGE_STORAGE_URL=.*cannot create the folder"):
+        Storage.from_settings(StorageSettings(url=str(unusable)))
+    monkeypatch.setenv("ZIMAGE_STORAGE_URL", str(unusable))
+    monkeypatch.chdir(tmp_path)  # no .env file of the checkout
+    assert main(["worker"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("zimage-stream worker: error: ZIMAGE_STORAGE_URL=")
