@@ -21,8 +21,8 @@ from . import __version__
 from .errors import ModelUnavailableError
 from .logs import configure_logging
 from .preflight import ServiceUnreachable, check_broker
-from .schemas import json_schemas
-from .settings import Settings, SettingsError, explain, unknown_variables
+from .schemas import RequestParseError, json_schemas, parse_request
+from .settings import KafkaSettings, Settings, SettingsError, explain, unknown_variables
 from .styles import STYLE_NAMES
 
 log = structlog.get_logger(__name__)
@@ -287,7 +287,6 @@ def _submit(args: argparse.Namespace) -> int:
     configure_logging()
     settings = _settings()
     from .client import ResultTimeout, ZImageClient, generate_request, new_request_id
-    from .topics import ensure_topics
 
     request = generate_request(
         args.prompt,
@@ -300,6 +299,11 @@ def _submit(args: argparse.Namespace) -> int:
         args.steps,
         args.guidance,
     )
+    try:  # as the worker will read it: a request it would refuse is not sent
+        parse_request(json.dumps(request).encode(), settings.kafka.max_message_bytes)
+    except RequestParseError as exc:
+        print(f"zimage-stream submit: error: {exc.error.message}", file=sys.stderr)
+        return 2
 
     async def submit() -> int:
         kafka = settings.kafka
@@ -309,7 +313,7 @@ def _submit(args: argparse.Namespace) -> int:
                 await client.publish(request)
                 print(json.dumps({"request_id": request["request_id"], "published": True}))
                 return 0
-            await ensure_topics(kafka, kafka.topic_partitions)
+            await _have_topics(kafka)
             steps = _StepLine() if sys.stderr.isatty() else None
             try:
                 result = await client.call(request, on_progress=steps)
@@ -323,6 +327,20 @@ def _submit(args: argparse.Namespace) -> int:
         return 0 if result.status == "succeeded" else 1
 
     return asyncio.run(submit())
+
+
+async def _have_topics(kafka: KafkaSettings) -> None:
+    """The topics ``submit --wait`` uses: created when ``ZIMAGE_CREATE_TOPICS`` allows it,
+    else there already."""
+    from .topics import client_topics, ensure_topics, missing_topics
+
+    if kafka.create_topics:
+        await ensure_topics(kafka, kafka.topic_partitions)
+    elif missing := await missing_topics(kafka, client_topics(kafka)):
+        raise SettingsError(
+            f"ZIMAGE_CREATE_TOPICS=false and the broker has no topic {', '.join(missing)}:"
+            " create it, or start a worker that may (ZIMAGE_CREATE_TOPICS=true)"
+        )
 
 
 class _StepLine:

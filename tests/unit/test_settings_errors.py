@@ -51,3 +51,20 @@ def test_a_storage_folder_that_cannot_be_made_is_one_line_exit_2(
     assert main(["worker"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("zimage-stream worker: error: ZIMAGE_STORAGE_URL=")
+
+
+def test_a_redis_url_of_another_scheme_names_its_variable_and_hides_its_password() -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(_env_file=None, redis_url="http://user:hunter2@cache:6379")  # type: ignore[call-arg]
+    message = str(explain(info.value))
+    assert message.startswith("ZIMAGE_REDIS_URL=http://***@cache:6379: ")
+    assert "rediss://" in message and "hunter2" not in message
+
+
+def test_submit_refuses_a_request_the_worker_would_refuse_before_connecting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ZIMAGE_KAFKA_BOOTSTRAP_SERVERS", "nowhere.invalid:9092")
+    assert main(["submit", "a mug", "--width", "100"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("zimage-stream submit: error: params.width: ")
