@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -268,3 +270,18 @@ async def test_an_image_over_the_request_limit_is_refused_before_it_is_read(
         await source_of(big, max_bytes=2048)
     with pytest.raises(ValueError, match="over the 2048-byte"):
         await source_of(b"\0" * 3000, max_bytes=2048)
+
+
+def test_the_readmes_client_example_runs_as_written(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Client library", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(example, "README.md", "exec")  # no await outside a coroutine
+    (tmp_path / "example.py").write_text(example)
+    lint = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--isolated", "--select", "F", "example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert lint.returncode == 0, lint.stdout  # every name defined, every import used
