@@ -357,19 +357,35 @@ async def _have_topics(kafka: KafkaSettings) -> None:
         )
 
 
-class _StepLine:
-    """A request's denoising steps on one terminal line."""
+class _TerminalLine:
+    """One line of stderr, rewritten in place; ``close`` ends it."""
 
     shown = False
 
-    def __call__(self, event: Any) -> None:
-        sys.stderr.write(f"\r{event.request_id}: step {event.step}/{event.total}")
+    def show(self, text: str) -> None:
+        sys.stderr.write(f"\r{text}")
         sys.stderr.flush()
         self.shown = True
 
     def close(self) -> None:
         if self.shown:
             sys.stderr.write("\n")
+            self.shown = False
+
+
+class _StepLine(_TerminalLine):
+    """A request's denoising steps."""
+
+    def __call__(self, event: Any) -> None:
+        self.show(f"{event.request_id}: step {event.step}/{event.total}")
+
+
+class _ReadLine(_TerminalLine):
+    """A replay's records read, of those in its range (gaps in the offsets are never read,
+    so the count may stop short of the total)."""
+
+    def __call__(self, done: int, total: int) -> None:
+        self.show(f"read {done}/{total}")
 
 
 def _erase(args: argparse.Namespace) -> int:
@@ -461,22 +477,23 @@ def _replay(args: argparse.Namespace) -> int:
     kafka = _settings().kafka
     asyncio.run(check_broker(kafka))
 
-    def show(done: int, total: int) -> None:
-        end = "\n" if done == total else ""
-        print(f"\rread {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-    summary = asyncio.run(
-        replay(
-            kafka,
-            since=args.since,
-            until=args.until,
-            from_offsets=dict(args.from_offset) if args.from_offset else None,
-            to_offsets=dict(args.to_offset) if args.to_offset else None,
-            force=args.force,
-            dry_run=args.dry_run,
-            on_record=show if sys.stderr.isatty() else None,
+    read = _ReadLine() if sys.stderr.isatty() else None
+    try:
+        summary = asyncio.run(
+            replay(
+                kafka,
+                since=args.since,
+                until=args.until,
+                from_offsets=dict(args.from_offset) if args.from_offset else None,
+                to_offsets=dict(args.to_offset) if args.to_offset else None,
+                force=args.force,
+                dry_run=args.dry_run,
+                on_record=read,
+            )
         )
-    )
+    finally:
+        if read is not None:
+            read.close()
     print(
         json.dumps(
             {
