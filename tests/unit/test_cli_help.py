@@ -79,6 +79,7 @@ def test_the_replay_progress_line_ends_when_offset_gaps_stop_it_short(
 
     monkeypatch.setattr(replay_module, "replay", replay)
     monkeypatch.setattr(cli, "check_broker", reachable)
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["replay", "--from-offset", "0:0"]) == 0

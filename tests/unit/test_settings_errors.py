@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from zimage_stream import cli
 from zimage_stream.cli import main
 from zimage_stream.settings import Settings, StorageSettings, explain, unknown_variables
 from zimage_stream.storage import Storage
@@ -47,6 +48,7 @@ def test_a_storage_folder_that_cannot_be_made_is_one_line_exit_2(
     with pytest.raises(ValueError, match=r"ZIMAGE_STORAGE_URL=.*cannot create the folder"):
         Storage.from_settings(StorageSettings(url=str(unusable)))
     monkeypatch.setenv("ZIMAGE_STORAGE_URL", str(unusable))
+    _keep_logging(monkeypatch)
     monkeypatch.chdir(tmp_path)  # no .env file of the checkout
     assert main(["worker"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -65,6 +67,13 @@ def test_submit_refuses_a_request_the_worker_would_refuse_before_connecting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("ZIMAGE_KAFKA_BOOTSTRAP_SERVERS", "nowhere.invalid:9092")
+    _keep_logging(monkeypatch)
     assert main(["submit", "a mug", "--width", "100"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("zimage-stream submit: error: params.width: ")
+
+
+def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command's logging would write to this test's captured stderr, closed after it:
+    later tests' log lines would then fail."""
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
