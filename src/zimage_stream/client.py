@@ -209,7 +209,8 @@ class Submission:
         while not (self._result.done() and self._steps.empty()):
             step = asyncio.ensure_future(self._steps.get())
             waits: list[asyncio.Future[Any]] = [step, self._result]
-            await asyncio.wait(waits, timeout=deadline - loop.time(), return_when="FIRST_COMPLETED")
+            left_s = deadline - loop.time()
+            await asyncio.wait(waits, timeout=left_s, return_when=asyncio.FIRST_COMPLETED)
             if step.done():
                 yield step.result()
                 continue
