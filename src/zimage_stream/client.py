@@ -135,14 +135,36 @@ def _request(task: str, request_id: str, params: dict[str, Any]) -> dict[str, An
     }
 
 
-async def source_of(source: Source) -> dict[str, str]:
+#: the request size the worker accepts unless ``ZIMAGE_MAX_MESSAGE_BYTES`` says otherwise
+DEFAULT_MAX_MESSAGE_BYTES: int = KafkaSettings.model_fields["max_message_bytes"].default
+#: the producer's request limit above ``max_message_bytes``: the worker's own margin
+_REQUEST_MARGIN_BYTES = 64 * 1024
+
+
+async def source_of(source: Source, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, str]:
     """The request's ``source``: bytes and local files are sent inline (base64), a string
-    with a scheme (``s3://``, ``file://``) as a URI for the worker to read."""
+    with a scheme (``s3://``, ``file://``) as a URI for the worker to read.
+
+    An image whose base64 is over ``max_bytes`` (the worker's ``ZIMAGE_MAX_MESSAGE_BYTES``)
+    raises ``ValueError`` before a file is read: upload it and send its URI instead.
+    """
     if isinstance(source, str) and "://" in source:
         return {"uri": source}
     if isinstance(source, str | Path):
-        source = await asyncio.to_thread(Path(source).read_bytes)
+        path = Path(source)
+        _check_inline_size(str(path), (await asyncio.to_thread(path.stat)).st_size, max_bytes)
+        source = await asyncio.to_thread(path.read_bytes)
+    _check_inline_size("the image", len(source), max_bytes)
     return {"base64": base64.b64encode(source).decode()}
+
+
+def _check_inline_size(name: str, size: int, max_bytes: int) -> None:
+    encoded = (size + 2) // 3 * 4
+    if encoded > max_bytes:
+        raise ValueError(
+            f"{name} is {size} bytes, {encoded} in base64: over the {max_bytes}-byte request"
+            " limit (ZIMAGE_MAX_MESSAGE_BYTES); store it where the worker reads and pass its URI"
+        )
 
 
 @dataclass(eq=False)
@@ -160,31 +182,54 @@ class Submission:
 
     async def result(self, timeout_s: float | None = None) -> ResultEvent:
         """The first result event for this request; :class:`ResultTimeout` after
-        ``timeout_s`` (default the client's)."""
+        ``timeout_s`` (default the client's). A timed-out submission is still watched, so
+        ``result()`` may be awaited again; :meth:`cancel` gives it up."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            return await asyncio.wait_for(asyncio.shield(self._result), timeout)
+            result = await asyncio.wait_for(asyncio.shield(self._result), timeout)
         except TimeoutError:
             raise ResultTimeout(self.request_id, timeout) from None
         finally:
-            if self._release is not None:
-                self._release(self)  # answered or given up: the reader forgets it
+            if self._result.done():
+                self._forget()  # answered, failed or cancelled: nothing more will come
+        return result
 
-    async def progress(self) -> AsyncIterator[ProgressEvent]:
-        """The request's progress events, until its result has arrived."""
+    def cancel(self) -> None:
+        """Stop watching for the result: the reader forgets this submission, and waits on
+        it raise ``CancelledError``."""
+        self._result.cancel()
+        self._forget()
+
+    async def progress(self, timeout_s: float | None = None) -> AsyncIterator[ProgressEvent]:
+        """The request's progress events, until its result has arrived;
+        :class:`ResultTimeout` when none has after ``timeout_s`` (default the client's)."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while not (self._result.done() and self._steps.empty()):
             step = asyncio.ensure_future(self._steps.get())
             waits: list[asyncio.Future[Any]] = [step, self._result]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            left_s = deadline - loop.time()
+            await asyncio.wait(waits, timeout=left_s, return_when=asyncio.FIRST_COMPLETED)
             if step.done():
                 yield step.result()
-            else:
-                step.cancel()
+                continue
+            step.cancel()
+            if not self._result.done():
+                raise ResultTimeout(self.request_id, timeout)
+
+    def _forget(self) -> None:
+        if self._release is not None:
+            self._release(self)  # answered or given up: the reader forgets it
 
     def _deliver_progress(self, event: ProgressEvent) -> None:
         self._steps.put_nowait(event)
-        if self.on_progress is not None:
+        if self.on_progress is None:
+            return
+        try:
             self.on_progress(event)
+        except Exception:  # the caller's bug: it must not stop the reader for every call
+            log.exception("progress_callback_failed", request_id=self.request_id)
 
     def _deliver_result(self, result: ResultEvent) -> None:
         if not self._result.done():
@@ -221,7 +266,7 @@ class ZImageClient:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._reader_lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one start or stop at a time
         self._waiting: dict[str, list[Submission]] = {}
 
     async def __aenter__(self) -> ZImageClient:
@@ -235,10 +280,17 @@ class ZImageClient:
         """Connect the producer (the results reader starts with the first awaited call)."""
         if self._producer is not None:
             return
+        async with self._lock:
+            await self._start_producer()
+
+    async def _start_producer(self) -> None:
+        if self._producer is not None:
+            return
         producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.bootstrap_servers,
             client_id=self.settings.client_id,
             acks="all",
+            max_request_size=self.settings.max_message_bytes + _REQUEST_MARGIN_BYTES,
             **security_options(self.settings),
         )
         try:
@@ -250,21 +302,27 @@ class ZImageClient:
 
     async def stop(self) -> None:
         """Stop reading and publishing; calls still waiting raise ``RuntimeError``."""
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-        for waiting in self._waiting.values():
-            for submission in waiting:
-                submission._fail(RuntimeError("the client was stopped"))
-        self._waiting.clear()
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
+        async with self._lock:
+            reader, self._reader = self._reader, None
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader  # its own failure was logged and given to its calls
+            self._fail_waiting(RuntimeError("the client was stopped"))
+            consumer, self._consumer = self._consumer, None
+            producer, self._producer = self._producer, None
+            try:
+                if consumer is not None:
+                    await consumer.stop()
+            finally:
+                if producer is not None:
+                    await producer.stop()
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for submissions in waiting.values():
+            for submission in submissions:
+                submission._fail(error)
 
     # -- the calls ---------------------------------------------------------------------------
 
@@ -294,9 +352,8 @@ class ZImageClient:
     ) -> ResultEvent:
         """Erase the text in ``source`` (bytes, a local file, or a URI the worker may read);
         the result event (one cleaned image, and the text found)."""
-        request = erase_request(
-            await source_of(source), request_id or new_request_id(), languages, engine
-        )
+        inline = await source_of(source, self.settings.max_message_bytes)
+        request = erase_request(inline, request_id or new_request_id(), languages, engine)
         return await self.call(request, timeout_s=timeout_s)
 
     async def call(
@@ -309,7 +366,10 @@ class ZImageClient:
     ) -> ResultEvent:
         """Publish a request event and return its result."""
         submission = await self.submit(request, headers=headers, on_progress=on_progress)
-        return await submission.result(timeout_s)
+        try:
+            return await submission.result(timeout_s)
+        finally:
+            submission.cancel()  # done, or given up: the reader forgets it either way
 
     async def submit(
         self,
@@ -343,8 +403,10 @@ class ZImageClient:
     ) -> None:
         """Publish a request event keyed by its request id, without waiting for a result."""
         await self.start()
-        assert self._producer is not None
-        await self._producer.send_and_wait(
+        producer = self._producer
+        if producer is None:
+            raise RuntimeError("the client was stopped")
+        await producer.send_and_wait(
             self.settings.requests_topic,
             json.dumps(request).encode(),
             key=str(request["request_id"]).encode(),
@@ -359,10 +421,10 @@ class ZImageClient:
         await self._start_reader()
 
     async def _start_reader(self) -> None:
-        async with self._reader_lock:
+        async with self._lock:
             if self._reader is not None:
                 return
-            await self.start()
+            await self._start_producer()
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.settings.bootstrap_servers,
                 client_id=self.settings.client_id,
@@ -370,27 +432,39 @@ class ZImageClient:
                 group_id=None,
                 **security_options(self.settings),
             )
-            await consumer.start()
             try:
-                partitions = await topic_partitions(consumer, self.settings.results_topic)
-                if self.settings.progress_topic:
-                    partitions += await topic_partitions(consumer, self.settings.progress_topic)
-                consumer.assign(partitions)
-                await consumer.seek_to_end(*partitions)
-                for tp in partitions:
-                    await consumer.position(tp)  # resolved now: nothing published later is missed
+                await consumer.start()
+                await self._seek_to_end(consumer)
             except BaseException:
-                await consumer.stop()
+                await consumer.stop()  # a failed start leaves its connections to close
                 raise
             self._consumer = consumer
             self._reader = asyncio.create_task(self._read(consumer), name="zimage-results")
 
+    async def _seek_to_end(self, consumer: AIOKafkaConsumer) -> None:
+        partitions = await topic_partitions(consumer, self.settings.results_topic)
+        if self.settings.progress_topic:
+            partitions += await topic_partitions(consumer, self.settings.progress_topic)
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await consumer.position(tp)  # resolved now: nothing published later is missed
+
     async def _read(self, consumer: AIOKafkaConsumer) -> None:
-        while True:
-            batches = await consumer.getmany(timeout_ms=500)
-            for tp, records in batches.items():
-                for record in records:
-                    self._dispatch(tp.topic, record.key, record.value)
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=500)
+                for tp, records in batches.items():
+                    for record in records:
+                        self._dispatch(tp.topic, record.key, record.value)
+        except Exception as exc:
+            # Every waiting call hears why; the next submit starts a fresh reader.
+            log.exception("results_reader_failed")
+            if self._reader is asyncio.current_task():
+                self._reader, self._consumer = None, None
+                self._fail_waiting(exc)
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
 
     def _dispatch(self, topic: str, key: bytes | None, value: bytes | None) -> None:
         if value is None or key is None:

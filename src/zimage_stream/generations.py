@@ -16,6 +16,7 @@ from .engine import BatchShape, GenerateJob, JobResult
 from .engine.calls import CAPTION_MULTIPLE
 from .engine_process import EngineProcess
 from .errors import as_error
+from .logs import request_context
 from .progress import StepReport
 from .schemas import GenerateRequest, ModelInfo, Provenance, ResultEvent
 from .storage import Storage
@@ -111,7 +112,11 @@ class Generations:
                 alone,
             )
 
-        answers = await self.suspects.run([p.delivery for p in items], budgets_s, call)
+        deliveries = [p.delivery for p in items]
+        contexts = [
+            request_context(p.request.request_id, p.request.task, p.delivery.headers) for p in items
+        ]
+        answers = await self.suspects.run(deliveries, budgets_s, call, contexts)
         return [a if isinstance(a, JobResult) else JobResult(error=a) for a in answers]
 
     async def answer(self, pending: Pending, outcome: JobResult, started_at: float) -> ResultEvent:

@@ -41,8 +41,20 @@ def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
         raise ValueError(
             "mutual TLS needs both ZIMAGE_KAFKA_SSL_CERTFILE and ZIMAGE_KAFKA_SSL_KEYFILE"
         )
-    return create_ssl_context(
-        cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None,
-        certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
-        keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-    )
+    files = {
+        "ZIMAGE_KAFKA_SSL_CAFILE": settings.ssl_cafile,
+        "ZIMAGE_KAFKA_SSL_CERTFILE": settings.ssl_certfile,
+        "ZIMAGE_KAFKA_SSL_KEYFILE": settings.ssl_keyfile,
+    }
+    for variable, path in files.items():
+        if path is not None and not path.is_file():
+            raise ValueError(f"{variable}={path}: no such file")
+    try:
+        return create_ssl_context(
+            cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None,
+            certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+            keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+        )
+    except (OSError, ssl.SSLError) as exc:  # not PEM, or a key that is not the cert's
+        named = " / ".join(f"{v}={p}" for v, p in files.items() if p is not None)
+        raise ValueError(f"{named}: cannot load ({exc})") from None

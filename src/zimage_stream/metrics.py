@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .errors import ERROR_CODES
+from .settings import SettingsError
 
 #: the tasks results are counted by ("unknown": a record too broken to name one)
 TASKS = ("generate", "erase_text", "unknown")
@@ -305,10 +306,10 @@ class HttpEndpoint:
     async def start(self) -> None:
         try:
             self._server = await asyncio.start_server(self._serve, self._host, self._port)
-        except OSError as exc:
-            raise RuntimeError(
-                f"cannot serve /metrics, /healthz and /readyz on port {self._port}: {exc} "
-                "(set ZIMAGE_HTTP_PORT to a free port, 0 for any, or -1 for none)"
+        except OSError as exc:  # a setting the operator must change: one line, exit 2
+            raise SettingsError(
+                f"ZIMAGE_HTTP_PORT={self._port}: cannot serve /metrics, /healthz and /readyz"
+                f" there ({exc.strerror or exc}); set a free port, 0 for any, or -1 for none"
             ) from exc
         log.info("http_endpoint_listening", port=self.port)
 

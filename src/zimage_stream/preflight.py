@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from aiokafka import AIOKafkaClient
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 
 from .kafka_security import security_options
 from .settings import CacheSettings, KafkaSettings, Settings
@@ -53,21 +59,31 @@ async def check_services(
 async def check_broker(settings: KafkaSettings, timeout_s: float = TIMEOUT_S) -> None:
     """Fetch the cluster's metadata once from ``ZIMAGE_KAFKA_BOOTSTRAP_SERVERS``."""
     where = f"ZIMAGE_KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers}"
+    protocol = settings.security_protocol
     try:
-        options = security_options(settings)
+        options = security_options(settings)  # its errors name their own variables
         client = AIOKafkaClient(
             bootstrap_servers=settings.bootstrap_servers,
             request_timeout_ms=int(timeout_s * 1000),
             **options,
         )
     except (KafkaError, ValueError, OSError) as exc:
-        raise ServiceUnreachable(f"{where}: {exc}") from None
+        raise ServiceUnreachable(str(exc)) from None
     try:
         with _quiet("aiokafka"):  # its "Unable connect" lines: the one below says it all
             await asyncio.wait_for(client.bootstrap(), timeout_s)
     except (TimeoutError, KafkaConnectionError):
+        hint = "is the address right, and the broker running?"
+        if protocol != "PLAINTEXT":
+            hint = (
+                "is the address right, the broker running, and its listener"
+                f" ZIMAGE_KAFKA_SECURITY_PROTOCOL={protocol}?"
+            )
+        raise ServiceUnreachable(f"{where}: no broker answered there ({hint})") from None
+    except (AuthenticationFailedError, SaslAuthenticationFailed, UnsupportedSaslMechanismError):
         raise ServiceUnreachable(
-            f"{where}: no broker answered there (is the address right, and the broker running?)"
+            f"ZIMAGE_KAFKA_SASL_MECHANISM={settings.sasl_mechanism}, ZIMAGE_KAFKA_SASL_USERNAME="
+            f"{settings.sasl_username}: the broker refused these credentials"
         ) from None
     except (KafkaError, ValueError, OSError) as exc:
         raise ServiceUnreachable(f"{where}: cannot use the broker ({exc!r})") from None

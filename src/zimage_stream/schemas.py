@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -75,6 +76,25 @@ def _an_integer(value: Any) -> Any:
 
 
 Whole = BeforeValidator(_whole)
+
+# RFC 3339's date-time, as the schema's ``format: date-time`` reads it: ``T`` between date
+# and time, seconds, an offset (``Z`` or ``+hh:mm``). Pydantic alone also takes a space, no
+# seconds, ``+hhmm`` and no offset at all (then read as the worker's local time).
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)", re.ASCII
+)
+
+
+def _rfc3339(value: Any) -> Any:
+    # Parsed here: after a before-validator, pydantic's strict mode takes only a datetime.
+    if not isinstance(value, str):
+        return value
+    if not _RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 date-time with an offset, like 2024-01-01T09:30:00Z")
+    return datetime.fromisoformat(value.upper())
+
+
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 # ``multipleOf`` is stated for the schema only: the validator's own message says what to use.
 Dimension = Annotated[
     int,
@@ -158,7 +178,7 @@ class _RequestBase(_Strict):
     schema_version: Annotated[Literal[1], BeforeValidator(_an_integer)]
     request_id: RequestId
     timeout_s: Annotated[float, Field(ge=1, le=300)] | None = None
-    submitted_at: datetime | None = None
+    submitted_at: Rfc3339 | None = None
 
     def arrived_at(self, broker_timestamp_ms: int) -> float:
         """When the request entered the system (wall-clock seconds): its ``submitted_at``,

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -88,10 +89,17 @@ class KafkaSettings(_Section):
     ssl_keyfile: Path | None = Field(default=None, alias="kafka_ssl_keyfile")
 
 
+def _redis_url(url: str) -> str:
+    # Checked here, so that the error names ZIMAGE_REDIS_URL (redis-py's own does not).
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("use redis://host:6379/0, rediss:// for TLS or unix:///path (or empty)")
+    return url
+
+
 class CacheSettings(_Section):
     """The result cache, request-id store and in-flight locks (Redis, or process memory)."""
 
-    redis_url: str = ""
+    redis_url: Annotated[str, AfterValidator(_redis_url)] = ""
     redis_timeout_ms: int = Field(default=250, ge=10)
     ttl_s: int = Field(default=86_400, ge=1, alias="cache_ttl_s")
     request_id_ttl_s: int = Field(default=7 * 86_400, ge=1)
@@ -298,7 +306,8 @@ def explain(exc: ValidationError) -> SettingsError:
     for err in exc.errors(include_url=False):
         names = [p for p in err["loc"] if isinstance(p, str) and p not in Settings.SECTIONS]
         variable = ENV_PREFIX + names[-1].upper() if names else "settings"
-        shown = "" if any(word in variable.lower() for word in secret) else f"={err['input']}"
+        value = re.sub(r"//[^/@]*@", "//***@", str(err["input"]))  # a URL's credentials
+        shown = "" if any(word in variable.lower() for word in secret) else f"={value}"
         if err["type"] == "extra_forbidden":
             shown = ""
         parts.append(f"{variable}{shown}: {err['msg']}")

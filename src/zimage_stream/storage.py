@@ -114,7 +114,13 @@ class Storage:
                 f"ZIMAGE_STORAGE_URL={url!r}: use a folder path, file:///folder or s3://bucket/prefix"
             )
         root = Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve()
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(
+                f"ZIMAGE_STORAGE_URL={url!r}: cannot create the folder {root}"
+                f" ({exc.strerror or exc})"
+            ) from None
         return cls(LocalStore(root, mkdir=True), root.as_uri(), root)
 
     @classmethod

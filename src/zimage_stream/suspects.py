@@ -21,13 +21,14 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import structlog
 from redis.asyncio import Redis
+from structlog.contextvars import bound_contextvars
 
 from .consumer import Delivery
 from .engine_process import EngineDied
@@ -181,17 +182,21 @@ class Suspects:
         deliveries: Sequence[Delivery],
         budgets_s: Sequence[float],
         call: Callable[[list[int], bool], Awaitable[list[R]]],
+        contexts: Sequence[Mapping[str, Any]] = (),
     ) -> list[R | ZImageError]:
         """Each record's result from ``call(indices, alone)`` (one result per index, in
         order), or the error that answers it without one. ``alone`` asks the engine to run
-        nothing else meanwhile: a suspect's call must die of itself or not at all."""
+        nothing else meanwhile: a suspect's call must die of itself or not at all.
+        ``contexts`` are the records' log contexts (``request_id``...), when more than one
+        record shares the call's: lines about one record carry its own."""
         keys = [self.attempts.key(d) for d in deliveries]
+        contexts = contexts or [{} for _ in deliveries]
         results: list[R | ZImageError | None] = [None] * len(keys)
         innocents: list[int] = []
         queue: deque[list[int]] = deque()
         for index, deaths in enumerate(await self.attempts.deaths(keys)):
             if deaths >= self.limit:
-                results[index] = await self._poison(deliveries[index], deaths)
+                results[index] = await self._poison(deliveries[index], deaths, contexts[index])
             elif deaths:
                 queue.append([index])  # a suspect runs alone
             else:
@@ -205,10 +210,17 @@ class Suspects:
             try:
                 answers = await call(group, group is not innocents)
             except EngineDied as died:
-                log.warning("engine_died_with_requests", requests=len(group), reason=died.reason)
+                log.warning(
+                    "engine_died_with_requests",
+                    requests=len(group),
+                    request_ids=[contexts[i].get("request_id") for i in group],
+                    reason=died.reason,
+                )
                 for index, count in zip(group, counts, strict=True):
                     if count >= self.limit:
-                        results[index] = await self._poison(deliveries[index], count)
+                        results[index] = await self._poison(
+                            deliveries[index], count, contexts[index]
+                        )
                     elif died.reason == "hung" and died.elapsed_s >= budgets_s[index]:
                         results[index] = InferenceTimeoutError(
                             f"inference took longer than its {budgets_s[index]:g} s budget and "
@@ -227,17 +239,20 @@ class Suspects:
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    async def _poison(self, delivery: Delivery, deaths: int) -> PoisonRequestError:
+    async def _poison(
+        self, delivery: Delivery, deaths: int, context: Mapping[str, Any]
+    ) -> PoisonRequestError:
         error = PoisonRequestError(
             f"the engine died with this request inside {deaths} times (the limit is "
             f"{self.limit}); it is dead-lettered and will not be run again",
             attempts=deaths,
         )
-        log.error("poison_request", deaths=deaths, source=delivery.source)
-        try:
-            await self.dead_letter(delivery, error)
-        except Exception as exc:
-            log.error("poison_dead_letter_failed", error=repr(exc))
+        with bound_contextvars(**context):
+            log.error("poison_request", deaths=deaths, source=delivery.source)
+            try:
+                await self.dead_letter(delivery, error)
+            except Exception as exc:
+                log.error("poison_dead_letter_failed", error=repr(exc))
         return error
 
 

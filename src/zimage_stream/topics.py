@@ -15,6 +15,25 @@ from .settings import KafkaSettings
 log = structlog.get_logger(__name__)
 
 
+def client_topics(settings: KafkaSettings) -> list[str]:
+    """The topics a client of the worker uses: requests, results and progress (when named)."""
+    progress = [settings.progress_topic] if settings.progress_topic else []
+    return [settings.requests_topic, settings.results_topic, *progress]
+
+
+async def missing_topics(settings: KafkaSettings, topics: list[str]) -> list[str]:
+    """Those of ``topics`` the broker does not have."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers, **security_options(settings)
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    return [t for t in topics if t not in existing]
+
+
 async def ensure_topics(settings: KafkaSettings, partitions: int, **client_options: Any) -> None:
     """Create the requests, results and DLQ topics that are missing (existing ones are kept)."""
     admin = AIOKafkaAdminClient(
@@ -24,8 +43,7 @@ async def ensure_topics(settings: KafkaSettings, partitions: int, **client_optio
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [settings.requests_topic, settings.results_topic, settings.dlq_topic]
-        wanted += [settings.progress_topic] if settings.progress_topic else []
+        wanted = [*client_topics(settings), settings.dlq_topic]
         replicas = settings.topic_replication_factor
         missing = [NewTopic(t, partitions, replicas) for t in wanted if t not in existing]
         if missing:

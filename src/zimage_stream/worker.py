@@ -354,7 +354,7 @@ class Worker:
             outcomes = await self.generations.infer(items, budgets, progress)
         except Exception as exc:
             if not isinstance(exc, ZImageError):
-                log.exception("inference_failed")
+                log.exception("inference_failed", request_ids=[p.request.request_id for p in items])
             outcomes = [JobResult(error=as_error(exc, "inference")) for _ in items]
         elapsed = time.perf_counter() - started
         self.metrics.record_batch(len(batch), elapsed)
@@ -434,8 +434,8 @@ class Worker:
     async def _reject(self, delivery: Delivery, exc: RequestParseError) -> None:
         """Dead-letter a message that is not a valid request, and answer it when possible."""
         record = delivery.record
-        await self._dead_letter(delivery, exc.error)
         with bound_contextvars(**_context(delivery, exc.request_id, exc.task)):
+            await self._dead_letter(delivery, exc.error)
             log.info("request_refused", code=exc.error.code, reason=exc.error.message)
             result = ResultEvent.build(
                 exc.request_id,
@@ -498,7 +498,7 @@ class Worker:
             if on_done is not None:
                 on_done()
             if not t.cancelled() and t.exception() is not None:
-                log.error("task_failed", error=repr(t.exception()))
+                log.error("task_failed", exc_info=t.exception())
 
         task.add_done_callback(finished)
 

@@ -18,6 +18,7 @@ from tests.integration.conftest import run_cli
 from tests.support.render import LATIN_FONT, cjk_font, png_bytes, product_scene, with_text
 from zimage_stream.settings import Settings
 from zimage_stream.testing import running_worker
+from zimage_stream.topics import client_topics, missing_topics
 
 CLI = [sys.executable, "-m", "zimage_stream.cli"]
 
@@ -148,3 +149,22 @@ def test_python_dash_m_runs_the_command_line() -> None:
         [sys.executable, "-m", "zimage_stream", "--version"], capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.startswith("zimage-stream ")
+
+
+async def test_submit_wait_creates_no_topic_when_told_not_to(settings: Settings) -> None:
+    code, _, stderr = await run_cli(
+        settings,
+        "submit",
+        "a mug",
+        "--wait",
+        "--timeout",
+        "5",
+        extra_env={"ZIMAGE_CREATE_TOPICS": "false"},
+    )
+    (line,) = stderr.strip().splitlines()
+    assert code == 2 and line.startswith("zimage-stream submit: error: ZIMAGE_CREATE_TOPICS=false")
+    assert settings.kafka.results_topic in line
+    assert await missing_topics(settings.kafka, client_topics(settings.kafka)) == [
+        settings.kafka.requests_topic,
+        settings.kafka.results_topic,
+    ]

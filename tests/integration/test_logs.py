@@ -51,3 +51,5 @@ async def test_every_line_is_json_and_each_request_is_traceable(
             assert event["task"] == "generate" and event["trace_id"] is None, event
     (batch,) = [e for e in events if e["event"] == "batch_done"]
     assert batch["request_ids"] == ["logs-1"]
+    dead_lettered = [e for e in events if e["event"] == "dead_lettered"]
+    assert sorted(e.get("request_id") for e in dead_lettered) == ["logs-3", "logs-4"]

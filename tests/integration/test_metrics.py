@@ -14,7 +14,7 @@ from tests.integration.conftest import KafkaIO, generate, metric_value
 from tests.integration.conftest import http_get as get
 from zimage_stream.engine.calls import Faults
 from zimage_stream.engine_process import EngineProcess
-from zimage_stream.settings import Settings
+from zimage_stream.settings import Settings, SettingsError
 from zimage_stream.testing import running_worker
 from zimage_stream.worker import Worker
 
@@ -123,5 +123,5 @@ async def test_a_taken_port_is_a_clear_error(settings: Settings) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         worker = Worker(settings.replace(http_port=port))
-        with pytest.raises(RuntimeError, match="ZIMAGE_HTTP_PORT"):
+        with pytest.raises(SettingsError, match=f"ZIMAGE_HTTP_PORT={port}: cannot serve"):
             await worker.run()

@@ -3,13 +3,17 @@ logs, warnings and an uncaught exception included, with the request's context.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+from structlog.testing import capture_logs
 
 from zimage_stream.logs import request_context, trace_id
+from zimage_stream.worker import Worker
 
 PROGRAM = """
 import logging, warnings
@@ -63,3 +67,16 @@ def test_a_request_without_headers_has_no_trace() -> None:
         "task": "erase_text",
         "trace_id": None,
     }
+
+
+async def test_a_background_task_that_fails_is_logged_with_its_traceback() -> None:
+    async def fails() -> None:
+        raise OSError("disk full")
+
+    finished = asyncio.Event()
+    with capture_logs() as logs:
+        Worker._spawn(SimpleNamespace(_tasks=set()), fails(), finished.set)  # type: ignore[arg-type]
+        await finished.wait()  # set in the same callback that logs, just before
+    (failed,) = [e for e in logs if e["event"] == "task_failed"]
+    assert isinstance(failed["exc_info"], OSError)
+    assert failed["exc_info"].__traceback__ is not None

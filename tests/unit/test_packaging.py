@@ -6,7 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+from importlib.metadata import packages_distributions
 from pathlib import Path
+
+from zimage_stream.cli import WORKER_MODULES
 
 REPO = Path(__file__).resolve().parents[2]
 #: import names of the ``worker`` extra's packages
@@ -74,3 +77,18 @@ def _name(requirement: str) -> str:
     for stop in "[<>=!~ ;":
         requirement = requirement.split(stop)[0]
     return requirement.strip()
+
+
+def test_the_missing_dependency_check_covers_every_package_of_the_worker_extra() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    modules_of: dict[str, set[str]] = {}
+    for module, distributions in packages_distributions().items():
+        for distribution in distributions:
+            modules_of.setdefault(_normal(distribution), set()).add(module)
+    for requirement in project["optional-dependencies"]["worker"]:
+        distribution = _normal(_name(requirement))
+        assert modules_of[distribution] & set(WORKER_MODULES), distribution
+
+
+def _normal(distribution: str) -> str:
+    return distribution.lower().replace("_", "-")

@@ -171,3 +171,26 @@ def test_what_the_worker_refuses_the_schema_refuses(document: dict) -> None:
 def test_what_the_schema_accepts_the_worker_accepts(document: dict) -> None:
     assert _schema_accepts(document)
     assert _worker_accepts(document)
+
+
+@pytest.mark.parametrize(
+    "submitted_at",
+    [
+        "2024-01-01T00:00:00Z",
+        "2024-01-01t00:00:00z",
+        "2024-01-01T00:00:00.123456789Z",
+        "2024-01-01T00:00:00-00:00",
+        "0001-01-01T00:00:00-14:00",
+        "2024-01-01T00:00:00",  # no offset: it would be read as the worker's local time
+        "2024-01-01 00:00:00Z",
+        "2024-01-01T00:00Z",
+        "2024-01-01T00:00:00+0100",
+        "2024-01-01T00:00:00,5Z",
+        "2024-01-01T00:00:00+01:60",
+        "2024-02-30T00:00:00Z",
+        "2024-01-01",
+    ],
+)
+def test_submission_times_are_read_as_the_schema_reads_date_time(submitted_at: str) -> None:
+    document = {**_generate(), "submitted_at": submitted_at}
+    assert _worker_accepts(document) == _schema_accepts(document)

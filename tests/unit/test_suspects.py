@@ -11,12 +11,17 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import structlog
+from structlog.contextvars import bound_contextvars, get_contextvars, merge_contextvars
+from structlog.testing import capture_logs
 
 from zimage_stream.consumer import Delivery
 from zimage_stream.engine_process import EngineDied
 from zimage_stream.errors import InferenceTimeoutError, PoisonRequestError, ZImageError
 from zimage_stream.suspects import Attempts, FileAttempts, RedisAttempts, Suspects
 from zimage_stream.testing import RedisServer
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -167,3 +172,24 @@ async def test_a_call_that_fails_or_is_cancelled_counts_no_death(tmp_path: Path)
             await task
     assert await attempts.deaths(keys) == [0, 0]
     assert await Attempts(FileAttempts(tmp_path / "a.json"), "g").deaths(keys) == [0, 0]
+
+
+async def test_lines_about_a_poison_request_name_it_not_just_its_batch(tmp_path: Path) -> None:
+    names = ["a", "bad", "c"]
+    engine, seen = _Engine(names, "bad"), []
+
+    async def dead_letter(delivery: Delivery, error: PoisonRequestError) -> None:
+        seen.append(get_contextvars().get("request_id"))
+        log.warning("dead_lettered", code=error.code)  # as the producer logs it
+
+    suspects = Suspects(Attempts(FileAttempts(tmp_path / "a.json"), "g"), 2, dead_letter)
+    contexts = [{"request_id": f"r-{name}", "task": "generate"} for name in names]
+    with capture_logs(processors=[merge_contextvars]) as logs, bound_contextvars(batch_id="b1"):
+        await suspects.run(_deliveries(3), [30.0] * 3, engine.call, contexts)
+    assert seen == ["r-bad"]
+    (poison,) = [e for e in logs if e["event"] == "poison_request"]
+    (dead_lettered,) = [e for e in logs if e["event"] == "dead_lettered"]
+    assert poison["request_id"] == dead_lettered["request_id"] == "r-bad"
+    assert poison["batch_id"] == "b1"
+    died = [e["request_ids"] for e in logs if e["event"] == "engine_died_with_requests"]
+    assert died == [["r-a", "r-bad", "r-c"], ["r-bad"]]
