@@ -3,13 +3,20 @@
 Install it without the worker (``pip install zimage-stream``: pydantic and aiokafka, no
 torch)::
 
+    import asyncio
+    from pathlib import Path
+
     from zimage_stream.client import ZImageClient
 
-    async with ZImageClient("kafka:9092") as client:
-        result = await client.generate("a ceramic mug", style="studio_gradient", num_images=4)
-        for image in result.images:
-            print(image.uri)
-        cleaned = await client.erase(Path("banner.png"))  # or bytes, or "s3://bucket/key"
+    async def main() -> None:
+        async with ZImageClient("kafka:9092") as client:
+            result = await client.generate("a mug", style="studio_gradient", num_images=4)
+            for image in result.images:
+                print(image.uri)
+            cleaned = await client.erase(Path("banner.png"))  # or bytes, or "s3://b/key"
+            print(cleaned.status)
+
+    asyncio.run(main())
 
 Every call waits for the result event that carries its ``request_id``. One results reader
 serves all of a client's calls: it reads the results topic (and the progress topic, when
