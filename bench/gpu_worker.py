@@ -183,8 +183,7 @@ def set_backend(engine: ImageEngine, backend: str) -> None:
 
 
 def warm(engine: ImageEngine, size: int) -> None:
-    for images, prompt, taller in WARM_CALLS:
-        engine.generate([GenerateJob(prompt, images, 0)], BatchShape(size, size + taller, 1, 0.0))
+    engine.run_warm_calls(WARM_CALLS, size, steps=1)
 
 
 def time_batches(
@@ -295,7 +294,6 @@ def worker_settings(args: argparse.Namespace, bootstrap: str, model: str, dtype:
         warmup_size=min(args.size, 512),
         batch_window_ms=30,
         max_batch_size=8,
-        kafka_fetch_max_wait_ms=5,
     )
 
 
@@ -324,9 +322,9 @@ async def worker_against_naive(args: argparse.Namespace, model: str, dtype: str)
             if worker.engine.report.placement != "device":
                 print(f"warning: the worker's model is at {worker.engine.report.placement}")
             for (name, items), naive in zip(workloads, naive_rows, strict=True):
-                busy_before = worker.engine.run_stats["device_busy_ms"]
+                busy_before = worker.engine_busy_s
                 row = await measure("worker", settings, items, _nothing)
-                busy_s = (worker.engine.run_stats["device_busy_ms"] - busy_before) / 1000
+                busy_s = worker.engine_busy_s - busy_before
                 print(
                     f"| {name} | {naive['images_per_s']:.2f} | {row['images_per_s']:.2f} | "
                     f"{row['images_per_s'] / naive['images_per_s']:.2f}x | "

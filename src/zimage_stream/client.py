@@ -144,8 +144,6 @@ def _request(task: str, request_id: str, params: dict[str, Any]) -> dict[str, An
 
 #: the request size the worker accepts unless ``ZIMAGE_MAX_MESSAGE_BYTES`` says otherwise
 DEFAULT_MAX_MESSAGE_BYTES: int = KafkaSettings.model_fields["max_message_bytes"].default
-#: the producer's request limit above ``max_message_bytes``: the worker's own margin
-_REQUEST_MARGIN_BYTES = 64 * 1024
 
 
 async def source_of(source: Source, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, str]:
@@ -297,7 +295,7 @@ class ZImageClient:
             bootstrap_servers=self.settings.bootstrap_servers,
             client_id=self.settings.client_id,
             acks="all",
-            max_request_size=self.settings.max_message_bytes + _REQUEST_MARGIN_BYTES,
+            max_request_size=self.settings.request_limit_bytes,
             **security_options(self.settings),
         )
         try:
@@ -386,7 +384,7 @@ class ZImageClient:
         on_progress: ProgressCallback | None = None,
     ) -> Submission:
         """Publish a request event; await the returned submission's ``result()``."""
-        await self._start_reader()
+        await self.start_reader()
         submission = self.watch(str(request["request_id"]), on_progress)
         try:
             await self.publish(request, headers)
@@ -425,9 +423,6 @@ class ZImageClient:
     async def start_reader(self) -> None:
         """Position the results reader at the end of the results (and progress) topics;
         ``submit`` does this by itself."""
-        await self._start_reader()
-
-    async def _start_reader(self) -> None:
         async with self._lock:
             if self._reader is not None:
                 return

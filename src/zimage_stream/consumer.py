@@ -140,7 +140,7 @@ class RequestConsumer:
     @property
     def _partition_fetch_bytes(self) -> int:
         """The most bytes one fetch reads of a partition: room for the largest record."""
-        return self._settings.max_message_bytes + 64 * 1024
+        return self._settings.request_limit_bytes
 
     @property
     def in_flight(self) -> int:

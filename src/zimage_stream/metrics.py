@@ -63,9 +63,6 @@ class WorkerState(Protocol):
 class WorkerMetrics:
     def __init__(self, state: WorkerState) -> None:
         self.registry = CollectorRegistry()
-        #: seconds from sending device calls (batches, diffusion erasures) to their
-        #: answers, as the worker sees them (the exposed busy time is the engine's own)
-        self.busy_s = 0.0
         self.started_monotonic = time.monotonic()
         self.results = Counter(
             "zimage_requests",
@@ -125,21 +122,14 @@ class WorkerMetrics:
         self.registry.register(_StateCollector(state, self))
 
     def record_batch(self, requests: int, seconds: float) -> None:
-        """A generate batch ran ``seconds`` on the device."""
+        """A generate batch took ``seconds``, from sending its call to its answer (the
+        device's own busy time comes from the engine process: ``engine_stats``)."""
         self.batch_size.observe(requests)
         self.inference_seconds.observe(seconds)
-        self.busy_s += seconds
 
     def record_erasure(self, engine: str, seconds: float) -> None:
-        """An erasure took ``seconds`` in the engine process. Only the diffusion engine's
-        time is device time: the classical engine fills on a CPU thread, beside batches.
-
-        Like a batch's, the time is the worker's, from sending the call to its answer: a
-        diffusion erasure that waited in the engine process for a batch to end counts
-        that wait too, so with both kinds of work the busy time reads somewhat high."""
+        """An erasure took ``seconds`` in the engine process, by engine."""
         self.erase_seconds.labels(engine).observe(seconds)
-        if engine == "diffusion":
-            self.busy_s += seconds
 
     def record_result(
         self,
@@ -183,6 +173,7 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         state = self._state
+        engine = state.engine_stats()
         cache = state.cache_counts()
         for name in ("hits", "misses"):
             family = CounterMetricFamily(f"zimage_cache_{name}", f"Result cache {name}")
@@ -191,7 +182,7 @@ class _StateCollector(Collector):
         dead = CounterMetricFamily("zimage_dlq_messages", "Messages dead-lettered")
         dead.add_metric([], state.stats.get("dead_letters", 0))
         yield dead
-        yield from self._device()
+        yield from self._device(engine)
         yield from self._dependencies()
         lag = GaugeMetricFamily(
             "zimage_consumer_lag", "Records not yet answered, per partition", labels=["partition"]
@@ -223,7 +214,6 @@ class _StateCollector(Collector):
             "Caption embeddings taken from the engine's prompt cache (hit) or encoded (miss)",
             labels=["result"],
         )
-        engine = state.engine_stats()
         for result, key in (("hit", "prompt_cache_hits"), ("miss", "prompt_cache_misses")):
             prompts.add_metric([result], engine.get(key, 0))
         yield prompts
@@ -234,10 +224,10 @@ class _StateCollector(Collector):
         misses.add_metric([], engine.get("compile_misses", 0))
         yield misses
 
-    def _device(self) -> Iterator[Any]:
+    def _device(self, engine: dict[str, int]) -> Iterator[Any]:
         # The engine process's own clock (CUDA events on a GPU): generate calls and
         # diffusion erasures, not the time their answers wait to be encoded or sent.
-        busy_s = self._state.engine_stats().get("device_busy_ms", 0) / 1000
+        busy_s = engine.get("device_busy_ms", 0) / 1000
         seconds = CounterMetricFamily(
             "zimage_device_busy_seconds", "Seconds the device spent on model calls"
         )
@@ -263,8 +253,9 @@ class _StateCollector(Collector):
             "Object storage calls that failed (each failed write attempt, each failed read)",
             labels=["operation"],
         )
+        errors = state.storage_errors()
         for operation in ("write", "read"):
-            storage.add_metric([operation], state.storage_errors().get(operation, 0))
+            storage.add_metric([operation], errors.get(operation, 0))
         yield storage
         degraded = GaugeMetricFamily(
             "zimage_degraded", "1 while the cache steps aside because Redis fails, else 0"

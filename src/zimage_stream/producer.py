@@ -56,7 +56,7 @@ class ResultProducer:
             client_id=self._settings.client_id,
             acks="all",
             linger_ms=2,
-            max_request_size=self._settings.max_message_bytes + 64 * 1024,
+            max_request_size=self._settings.request_limit_bytes,
             **self._client_options,
         )
         await producer.start()

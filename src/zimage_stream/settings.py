@@ -88,6 +88,12 @@ class KafkaSettings(_Section):
     ssl_certfile: Path | None = Field(default=None, alias="kafka_ssl_certfile")
     ssl_keyfile: Path | None = Field(default=None, alias="kafka_ssl_keyfile")
 
+    @property
+    def request_limit_bytes(self) -> int:
+        """The most bytes one Kafka request (a produce of one record, one partition's
+        fetch) may take: the largest record plus room for the batch and its headers."""
+        return self.max_message_bytes + 64 * 1024
+
 
 def _redis_url(url: str) -> str:
     # Checked here, so that the error names ZIMAGE_REDIS_URL (redis-py's own does not).

@@ -133,8 +133,9 @@ class Worker:
 
     @property
     def engine_busy_s(self) -> float:
-        """Seconds the device has spent inside model calls since the worker started."""
-        return self.metrics.busy_s
+        """Seconds the device has spent on model calls since the worker started, by the
+        engine process's own clock."""
+        return self._engine.run_stats["device_busy_ms"] / 1000
 
     # -- what /metrics, /healthz and /readyz show -----------------------------------------
 
@@ -452,11 +453,8 @@ class Worker:
         """Publish the result and settle the record's offset. A result the broker refuses
         for good (too large, say) is replaced by a small ``internal`` one; if that is
         refused too, the record is settled without a result (the producer logged and
-        counted it): no record stays in flight for good."""
-        with bound_contextvars(**_context(delivery, result.request_id, result.task)):
-            await self._publish_in_context(delivery, result)
-
-    async def _publish_in_context(self, delivery: Delivery, result: ResultEvent) -> None:
+        counted it): no record stays in flight for good. Its callers have bound the
+        request's log context."""
         producer = self._require_producer()
         headers = [(k, v) for k, v in delivery.headers if k in PASSED_HEADERS]
         published = await producer.publish_result(result, delivery.record.key, headers)

@@ -253,13 +253,10 @@ class ImageEngine:
         ``ZIMAGE_COMPILE`` the calls that make every graph (``compilation.WARM_CALLS``)."""
         started = time.perf_counter()
         size = self._settings.warmup_size
-        steps = 2
-        calls: tuple[tuple[int, str, int], ...] = ((1, "warm-up: a white ceramic mug", 0),)
         if self.compiled.enabled:
-            steps, calls = 1, WARM_CALLS
-        for images, prompt, taller in calls:
-            shape = BatchShape(size, size + taller, num_inference_steps=steps, guidance_scale=0.0)
-            self.generate([GenerateJob(prompt, num_images=images, seed=0)], shape)
+            self.run_warm_calls(WARM_CALLS, size, steps=1)
+        else:
+            self.run_warm_calls(WARM_CALLS[:1], size, steps=2)
         if self.compiled.enabled and self._settings.compile_vae:
             self._warm_decoder()
         self.compiled.warmed()
@@ -267,6 +264,14 @@ class ImageEngine:
         self._report = replace(self.report, warmup_s=warmup_s)
         log.info("model_warmed_up", warmup_s=warmup_s, **memory_summary(self._device))
         return self._report
+
+    def run_warm_calls(
+        self, calls: tuple[tuple[int, str, int], ...], size: int, steps: int
+    ) -> None:
+        """Generate ``calls`` (``compilation.WARM_CALLS``' form) at ``size``."""
+        for images, prompt, taller in calls:
+            shape = BatchShape(size, size + taller, num_inference_steps=steps, guidance_scale=0.0)
+            self.generate([GenerateJob(prompt, num_images=images, seed=0)], shape)
 
     def _warm_decoder(self) -> None:
         vae = self._pipe.vae
