@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,10 @@ async def test_an_erasure_past_its_budget_is_timed_out_on_both_engines(
         result = results[request_id]
         assert result["status"] == "timed_out", result
         assert result["error"]["code"] == "timeout" and result["error"]["retriable"] is True
-        assert "took longer than its budget" in result["error"]["message"]
+        # Stopped at its deadline by the eraser, or (a CPU so loaded that detection alone
+        # runs past the budget and the watchdog's grace) by the engine process's watchdog:
+        # a timeout either way, and the message says so.
+        assert re.search(r"took longer than its (\S+ s )?budget", result["error"]["message"])
     assert results["in-time"]["status"] == "succeeded" and not results["in-time"]["cache_hit"]
 
 
