@@ -31,7 +31,7 @@ from zimage_stream.engine import ImageEngine
 from zimage_stream.engine.inpaint import DiffusionInpainter, _crops
 from zimage_stream.erase import TextEraser, decode_image, make_detector, read_source
 from zimage_stream.erase.classical import inpaint_classical
-from zimage_stream.erase.ocr import LANGUAGES, RapidOcrDetector, TextBox
+from zimage_stream.erase.ocr import LANGUAGES, RapidOcrDetector, TextBox, _textured_area
 from zimage_stream.erase.sources import MAX_SOURCE_BYTES
 from zimage_stream.errors import InferenceTimeoutError, ZImageError
 from zimage_stream.schemas import ImageSource
@@ -527,3 +527,34 @@ def test_easyocr_backend_keeps_downloads_off_and_reads_boxes(
     assert detector.detect(rgb, languages=["ch"]) == []
     assert detector.detect(rgb, read=False, languages=["ch"]) == []
     assert len(detector.detect(rgb, read=False, languages=["en"])) == 1
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_faint_rotated_text_on_grain_is_found_by_the_texture_view(
+    eraser: TextEraser, seed: int
+) -> None:
+    # 36 px Chinese, 45 levels off the grain at 45 % opacity, turned 30 degrees, JPEG q60:
+    # the first view covered two thirds of its strokes; the texture view finds it all.
+    font = cjk_font()
+    if font is None:
+        pytest.skip("no CJK font installed (fonts-wqy-zenhei)")
+    scene = _grain_and_stripes(seed)
+    overlay = with_text(scene, [("新品上市", (300, 400), font, 36, (105, 65, 115))])
+    layer = Image.fromarray(overlay.strokes.astype(np.uint8) * 255)
+    turned = np.asarray(layer.rotate(30, Image.BICUBIC, center=(360, 415)), np.float32)
+    alpha = turned[..., None] / 255 * 0.45
+    colour = np.array([105, 65, 115], np.float32)
+    pixels = np.asarray(scene, np.float32) * (1 - alpha) + colour * alpha
+    faint = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+    strokes = (np.asarray(faint) != np.asarray(scene)).any(-1) & (turned > 0)
+    data = png_bytes(faint, format="JPEG", quality=60)
+    result = eraser.erase(decode_image(data), "classical")
+    assert result.mask.astype(bool)[strokes].mean() >= 0.99
+
+
+def test_only_textured_areas_get_the_second_view() -> None:
+    # A plain product scene with crisp text and edges is not textured: it costs one view.
+    rendered = with_text(product_scene(), _texts())
+    assert _textured_area(np.asarray(rendered.image)) is None
+    height, width = 768, 1024
+    assert _textured_area(np.asarray(_grain_and_stripes(0))) == (0, height, 0, width)

@@ -55,8 +55,9 @@ def __getattr__(name: str) -> Any:
 
 
 #: the classical erase's own revision: it is in the cache key, so results of an older
-#: way of masking or filling are not served once it changes (2: masks that follow strokes)
-CLASSICAL_REVISION = "2"
+#: way of masking or filling are not served once it changes (2: masks that follow strokes;
+#: 3: a second detector view on textured areas)
+CLASSICAL_REVISION = "3"
 
 
 def classical_model(ocr_backend: str) -> ModelInfo:

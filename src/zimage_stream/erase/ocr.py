@@ -16,8 +16,16 @@ and 99th percentile of fine-edge energy), so no absolute threshold depends on th
 source. Enlarging gives 12 px text the size the detector was trained on. Images larger
 than a tile are cut into overlapping tiles, so a 4000 px photo's small text survives.
 
-The edge-weighted gain, and PP-OCRv4 over the v5 and v6 detectors, were chosen on
-``bench/erase_quality.py``'s textured backgrounds; the figures are in the README.
+Where the image is textured (grain, fabric, stripes fill a cell of it, which a line of
+text or a product's edge does not), the detector looks a second time, at a view whose
+unsharp mask is narrower (``TEXTURE_SIGMA``) and puts most of its gain on fine edges:
+faint, translucent strokes that the first view leaves level with the grain stand out in
+it. Its probability joins the first's (the larger of the two) before boxes are cut, so
+a line found by both is one box. A plain or gradient background costs one view.
+
+The edge-weighted gain, the texture view, and PP-OCRv4 over the v5 and v6 detectors, were
+chosen on ``bench/erase_quality.py``'s textured backgrounds; the figures are in the
+README.
 
 Two of RapidOCR's internals are used (``DBPostProcess`` for boxes from the probability
 map, ``RapidOCR.get_crop_img_list`` for recognition crops), so its version is pinned in
@@ -68,6 +76,21 @@ SHARPEN_GAIN = 4.0
 EDGE_GAIN = 8.0
 EDGE_SIGMA = 0.8
 EDGE_SPREAD = 3.0
+#: a second view for textured areas (grain, fabric, stripes): a narrower unsharp mask
+#: with most of its gain on fine edges, which lifts faint strokes that the first view
+#: leaves level with the texture
+TEXTURE_SIGMA = 3.0
+TEXTURE_GAIN = 3.0
+TEXTURE_EDGE_GAIN = 16.0
+#: a cell of TEXTURE_CELL_PX is textured where the image's detail (finer than
+#: TEXTURE_DETAIL px) spreads by at least TEXTURE_LEVELS (over TEXTURE_SPREAD px) in three
+#: quarters of it: grain fills a cell, while a line of text or a product's edge leaves
+#: most of a cell's pixels calm
+TEXTURE_DETAIL = 6.0
+TEXTURE_SPREAD = 8.0
+TEXTURE_LEVELS = 4.5
+TEXTURE_QUANTILE = 25.0
+TEXTURE_CELL_PX = 128
 #: PP-OCRv4's detector, as shipped in the rapidocr-onnxruntime wheel
 DET_MODEL = "ch_PP-OCRv4_det_infer.onnx"
 #: DB post-processing: pixel threshold, mean box score, and how far a box is grown
@@ -174,6 +197,7 @@ class RapidOcrDetector:
         with self._lock:
             enlarged = cv2.resize(view, size, interpolation=cv2.INTER_CUBIC)
             probability = self._probability(enlarged)
+            self._look_closer(rgb, scale, probability)
             polygons, scores = self._postprocess(probability[None, None], (height, width))
             boxes = [
                 TextBox(np.asarray(polygon, np.float32), "", float(score))
@@ -199,6 +223,21 @@ class RapidOcrDetector:
                 out = probability[top : top + h, left : left + w]
                 np.maximum(out, self._infer(tile), out=out)
         return probability
+
+    def _look_closer(self, rgb: np.ndarray, scale: float, probability: np.ndarray) -> None:
+        """Adds the texture view's probability where the image is textured (only there:
+        a plain or gradient background gains nothing from it and costs nothing)."""
+        area = _textured_area(rgb)
+        if area is None:
+            return
+        y0, y1, x0, x1 = area
+        view = _sharpened(rgb[y0:y1, x0:x1], TEXTURE_SIGMA, TEXTURE_GAIN, TEXTURE_EDGE_GAIN)
+        top, left = round(y0 * scale), round(x0 * scale)
+        height = min(round((y1 - y0) * scale), probability.shape[0] - top)
+        width = min(round((x1 - x0) * scale), probability.shape[1] - left)
+        enlarged = cv2.resize(view, (width, height), interpolation=cv2.INTER_CUBIC)
+        out = probability[top : top + height, left : left + width]
+        np.maximum(out, self._probability(enlarged), out=out)
 
     def _infer(self, rgb: np.ndarray) -> np.ndarray:
         height, width = rgb.shape[:2]
@@ -255,12 +294,44 @@ def _script(char: str) -> str | None:
     return None
 
 
-def _sharpened(rgb: np.ndarray) -> np.ndarray:
+def _sharpened(
+    rgb: np.ndarray,
+    sigma: float = SHARPEN_SIGMA,
+    base_gain: float = SHARPEN_GAIN,
+    edge_gain: float = EDGE_GAIN,
+) -> np.ndarray:
     """Unsharp mask whose gain rises where fine edges are dense; colours kept."""
     pixels = rgb.astype(np.float32)
-    detail = pixels - cv2.GaussianBlur(pixels, (0, 0), SHARPEN_SIGMA)
-    gain = SHARPEN_GAIN + EDGE_GAIN * _edge_density(rgb)
+    detail = pixels - cv2.GaussianBlur(pixels, (0, 0), sigma)
+    gain = base_gain + edge_gain * _edge_density(rgb)
     return np.clip(pixels + gain[..., None] * detail, 0, 255).astype(np.uint8)
+
+
+def _textured_area(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The rectangle (y0, y1, x0, x1) around the textured cells of ``rgb``, or None."""
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    # At a quarter of the size: the spread is smooth over TEXTURE_SPREAD px anyway.
+    small = cv2.resize(gray, None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA)
+    small = small.astype(np.float32)
+    detail = small - cv2.GaussianBlur(small, (0, 0), TEXTURE_DETAIL / 4)
+    spread = np.sqrt(cv2.GaussianBlur(detail * detail, (0, 0), TEXTURE_SPREAD / 4))
+    cell = TEXTURE_CELL_PX // 4
+    rows, cols = -(-spread.shape[0] // cell), -(-spread.shape[1] // cell)
+    textured = np.zeros((rows, cols), bool)
+    for row in range(rows):
+        for col in range(cols):
+            part = spread[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
+            textured[row, col] = np.percentile(part, TEXTURE_QUANTILE) >= TEXTURE_LEVELS
+    if not textured.any():
+        return None
+    ys, xs = np.nonzero(textured)
+    height, width = rgb.shape[:2]
+    return (
+        int(ys.min()) * TEXTURE_CELL_PX,
+        min(height, (int(ys.max()) + 1) * TEXTURE_CELL_PX),
+        int(xs.min()) * TEXTURE_CELL_PX,
+        min(width, (int(xs.max()) + 1) * TEXTURE_CELL_PX),
+    )
 
 
 def _edge_density(rgb: np.ndarray) -> np.ndarray:
