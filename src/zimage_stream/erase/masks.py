@@ -151,9 +151,12 @@ def _colour_distance(
     plane that fits the ring best (a gradient's dark end is not text on its light end),
     whichever the ring fits more tightly."""
     best: tuple[np.ndarray, float] | None = None
-    for pixels in (rgb.astype(np.float32), _levelled(rgb, ring)):
-        colours = _colours(pixels[ring])
-        sample = pixels[ring][:: max(1, int(ring.sum()) // 4000)]
+    flat = rgb.astype(np.float32)
+    for levelled in (False, True):  # levelled only when the plain colours are not tight
+        pixels = _levelled(flat, ring) if levelled else flat
+        ring_pixels = pixels[ring]
+        colours = _colours(ring_pixels)
+        sample = ring_pixels[:: max(1, len(ring_pixels) // 4000)]
         spread = float(np.percentile(_distance(sample, colours), RING_QUANTILE))
         threshold = max(MIN_CONTRAST, RING_SPREADS * spread)
         if best is None or threshold < best[1]:
@@ -166,10 +169,9 @@ def _colour_distance(
     return best
 
 
-def _levelled(rgb: np.ndarray, ring: np.ndarray) -> np.ndarray:
-    """The crop's colours less the colour plane (a + b x + c y per channel) that fits the
-    ring best."""
-    pixels = rgb.astype(np.float32)
+def _levelled(pixels: np.ndarray, ring: np.ndarray) -> np.ndarray:
+    """The crop's colours (float32) less the colour plane (a + b x + c y per channel) that
+    fits the ring best."""
     ys, xs = np.nonzero(ring)
     design = np.stack([np.ones(len(xs)), xs, ys], 1).astype(np.float32)
     plane, *_ = np.linalg.lstsq(design, pixels[ring], rcond=None)
