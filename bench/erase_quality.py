@@ -12,7 +12,12 @@ An instance counts as erased only if at least 99 % of its stroke pixels lie insi
 final mask *and* a verifier OCR (RapidOCR's own default pipeline, which filters by
 recognition score, unlike the eraser's detector-first call) finds nothing covering 30 %
 or more of its box in the output. The denominator is the ground truth, never the
-eraser's detections. Beside it, what the erase did to the picture:
+eraser's detections. The verifier reads a product's silhouette as a glyph now and then
+("D" for a mug with its handle, "口", "门"): a box it also finds in the clean image (IoU
+at least 0.5), or one more than twice the instance's size (its box's shorter side), is
+not what is left of that instance and is not counted against it. How many instances
+that excused, and EA counting every box, are printed beside EA. Beside it, what the
+erase did to the picture:
 
 * **collateral**: of the pixels farther than 12 px from every text stroke, the share
   that the erase changed by more than 12 levels (in any channel, against the source);
@@ -279,6 +284,29 @@ def verifier_boxes(verifier, rgb: np.ndarray) -> list[tuple[int, int, int, int]]
     return boxes
 
 
+def leftovers(
+    box: tuple[int, int, int, int],
+    found: list[tuple[int, int, int, int]],
+    clean: list[tuple[int, int, int, int]],
+) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int, int]]]:
+    """The verifier's boxes in the output that could be what is left of the instance in
+    ``box``, and the ones that cannot: a box the verifier also finds in the clean image,
+    or one more than twice the instance's size (a product's silhouette read as a glyph)."""
+    scale = 2 * min(box[2] - box[0], box[3] - box[1])
+    kept, excused = [], []
+    for other in found:
+        shape = min(other[2] - other[0], other[3] - other[1]) > scale
+        (excused if shape or any(iou(other, c) >= 0.5 for c in clean) else kept).append(other)
+    return kept, excused
+
+
+def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    return ix * iy / max(1, union)
+
+
 def covered(box: tuple[int, int, int, int], found: list[tuple[int, int, int, int]]) -> bool:
     area = max(1, (box[2] - box[0]) * (box[3] - box[1]))
     for other in found:
@@ -317,6 +345,9 @@ class Figures:
     """What the bench collects, per instance (and so per stratum) and per image."""
 
     erased: list[bool] = field(default_factory=list)
+    #: erased had every verifier box counted (the bench before it excused any)
+    erased_strict: list[bool] = field(default_factory=list)
+    excused: int = 0  # instances erased only because a verifier box was excused
     detected: list[bool] = field(default_factory=list)
     per_stratum: dict[tuple[str, str], list[int]] = field(default_factory=lambda: defaultdict(list))
     per_seed: dict[int, list[bool]] = field(default_factory=lambda: defaultdict(list))
@@ -334,8 +365,11 @@ class Figures:
     ssims: list[float] = field(default_factory=list)
 
 
-def measure(figures: Figures, seed: int, sample: Sample, source: np.ndarray, result, found) -> None:  # type: ignore[no-untyped-def]
-    """Adds one erased image's figures."""
+def measure(  # type: ignore[no-untyped-def]
+    figures: Figures, seed: int, sample: Sample, source: np.ndarray, result, found, clean
+) -> None:
+    """Adds one erased image's figures; ``found`` and ``clean`` are the verifier's boxes in
+    the output and in the clean image."""
     output = np.asarray(result.image.convert("RGB"))
     changed = (np.abs(output.astype(np.int16) - source.astype(np.int16)) > CHANGED_LEVELS).any(-1)
     strokes = np.zeros(changed.shape, bool)
@@ -349,7 +383,11 @@ def measure(figures: Figures, seed: int, sample: Sample, source: np.ndarray, res
     boxes = [_bounds(box.polygon) for box in result.regions]
     for instance in sample.instances:
         inside = result.mask.astype(bool)[instance.strokes].mean()
-        ok = bool(inside >= 0.99 and not covered(instance.box, found))
+        kept, _excused = leftovers(instance.box, found, clean)
+        ok = bool(inside >= 0.99 and not covered(instance.box, kept))
+        strict = bool(inside >= 0.99 and not covered(instance.box, found))
+        figures.erased_strict.append(strict)
+        figures.excused += ok and not strict
         own = _distance(instance.strokes)
         near, ring = own <= NEAR_PX, far & (own <= RING_PX)
         figures.erased.append(ok)
@@ -386,7 +424,8 @@ def run(images: int, seeds: list[int], where: dict[str, str]) -> Figures:
         source = decode_image(sample.data)
         result = eraser.erase(source, "classical")
         found = verifier_boxes(verifier, np.asarray(result.image.convert("RGB")))
-        measure(figures, seed, sample, source.pixels, result, found)
+        clean = verifier_boxes(verifier, sample.clean)
+        measure(figures, seed, sample, source.pixels, result, found, clean)
     return figures
 
 
@@ -397,6 +436,11 @@ def report(figures: Figures) -> None:
     print(
         f"erase accuracy (EA): {np.mean(f.erased):.1%}   "
         f"detection recall: {np.mean(f.detected):.1%}"
+    )
+    print(
+        f"  {f.excused} instances erased though the verifier boxed them, its box being in the "
+        f"clean image too or at a product's scale; counting every box, EA "
+        f"{np.mean(f.erased_strict):.1%}"
     )
     print(
         f"collateral (changed > {CHANGED_LEVELS} levels, > {NEAR_PX} px from any stroke): "
