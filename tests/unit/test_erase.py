@@ -374,7 +374,11 @@ class _StandInDetector:
         self.delay_s = delay_s
 
     def detect(
-        self, rgb: np.ndarray, read: bool = True, languages: object = LANGUAGES
+        self,
+        rgb: np.ndarray,
+        read: bool = True,
+        languages: object = LANGUAGES,
+        texture_view: bool = True,
     ) -> list[TextBox]:
         time.sleep(self.delay_s)
         corners = np.array([[40, 40], [200, 40], [200, 80], [40, 80]], np.float32)

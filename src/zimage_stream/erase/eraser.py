@@ -167,7 +167,9 @@ class TextEraser:
         """Text still found around the filled areas (leftover strokes at a mask's edge).
 
         Only crops around the mask are searched: text that the first look missed in the
-        rest of the image would be missed again, and the crops cost a fraction of it.
+        rest of the image would be missed again, and the crops cost a fraction of it. The
+        detector's texture view is left out: on the bench's textured images it found no
+        more here and took a fifth of a second per image.
         """
         height, width = hard.shape
         count, _, stats, _ = cv2.connectedComponentsWithStats(
@@ -178,7 +180,9 @@ class TextEraser:
             x0, y0 = max(0, x - LOOK_AGAIN_MARGIN_PX), max(0, y - LOOK_AGAIN_MARGIN_PX)
             x1 = min(width, x + w + LOOK_AGAIN_MARGIN_PX)
             y1 = min(height, y + h + LOOK_AGAIN_MARGIN_PX)
-            found = self._detector.detect(cleaned[y0:y1, x0:x1], read=False, languages=languages)
+            found = self._detector.detect(
+                cleaned[y0:y1, x0:x1], read=False, languages=languages, texture_view=False
+            )
             boxes.extend(box.shifted(x0, y0) for box in found)
         return boxes
 

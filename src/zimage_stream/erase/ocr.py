@@ -132,11 +132,17 @@ class TextBox:
 
 class TextDetector(Protocol):
     def detect(
-        self, rgb: np.ndarray, read: bool = True, languages: Collection[str] = LANGUAGES
+        self,
+        rgb: np.ndarray,
+        read: bool = True,
+        languages: Collection[str] = LANGUAGES,
+        texture_view: bool = True,
     ) -> list[TextBox]:
         """Text boxes in an RGB image; ``read`` = also recognise their text (labels only:
         every detected box is returned either way). Boxes whose text is of a script outside
-        ``languages`` are dropped (read for that whatever ``read`` says); see the module."""
+        ``languages`` are dropped (read for that whatever ``read`` says); see the module.
+        ``texture_view=False`` skips a detector's extra look at textured areas, where it
+        has one (the eraser's second look, around what it filled, does without it)."""
         ...
 
 
@@ -185,7 +191,11 @@ class RapidOcrDetector:
         self._lock = threading.Lock()
 
     def detect(
-        self, rgb: np.ndarray, read: bool = True, languages: Collection[str] = LANGUAGES
+        self,
+        rgb: np.ndarray,
+        read: bool = True,
+        languages: Collection[str] = LANGUAGES,
+        texture_view: bool = True,
     ) -> list[TextBox]:
         filtering = _filters(languages)
         height, width = rgb.shape[:2]
@@ -197,7 +207,8 @@ class RapidOcrDetector:
         with self._lock:
             enlarged = cv2.resize(view, size, interpolation=cv2.INTER_CUBIC)
             probability = self._probability(enlarged)
-            self._look_closer(rgb, scale, probability)
+            if texture_view:
+                self._look_closer(rgb, scale, probability)
             polygons, scores = self._postprocess(probability[None, None], (height, width))
             boxes = [
                 TextBox(np.asarray(polygon, np.float32), "", float(score))
@@ -380,7 +391,11 @@ class EasyOcrDetector:
         log.info("easyocr_loaded", model_dir=str(model_dir) if model_dir else None)
 
     def detect(
-        self, rgb: np.ndarray, read: bool = True, languages: Collection[str] = LANGUAGES
+        self,
+        rgb: np.ndarray,
+        read: bool = True,
+        languages: Collection[str] = LANGUAGES,
+        texture_view: bool = True,  # CRAFT has one view: nothing to skip
     ) -> list[TextBox]:
         # Low thresholds: every faint stroke counts, since a missed one stays in the image.
         options = {"text_threshold": 0.5, "low_text": 0.3, "link_threshold": 0.3}
