@@ -402,6 +402,44 @@ def test_classical_filling_stops_between_regions_at_the_deadline() -> None:
     assert inpaint_classical(rgb, hard, hard > 0, deadline=time.monotonic() + 60).shape == rgb.shape
 
 
+def _outline_across_a_hole(angle: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A product (dark red) against a pale wall, its straight outline at ``angle`` degrees
+    from vertical, anti-aliased; the hole is a text line's mask laid across the outline."""
+    height, width = 120, 160
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    across = (xs - 80) * np.cos(np.radians(angle)) - (ys - 60) * np.sin(np.radians(angle))
+    share = np.clip(0.5 - across, 0, 1)[..., None]  # 1 on the product, 0 on the wall
+    clean = np.round(share * (120, 25, 30) + (1 - share) * (225, 220, 205)).astype(np.uint8)
+    hard = np.zeros((height, width), np.uint8)
+    hard[50:70, 40:120] = 255
+    return clean, hard, np.abs(across)
+
+
+@pytest.mark.parametrize("angle", [0.0, 20.0])
+def test_an_outline_crossing_a_hole_runs_on_through_the_fill(angle: float) -> None:
+    # Telea mixes both sides of the outline inside the hole (a notch or a bulge in the
+    # product); filled side by side, the outline continues and each side keeps its colour.
+    clean, hard, from_edge = _outline_across_a_hole(angle)
+    source = clean.copy()
+    source[hard > 0] = (40, 40, 40)  # the text's strokes
+    filled = inpaint_classical(source, hard, hard > 0)
+    error = np.abs(filled.astype(int) - clean).max(-1)
+    away = (hard > 0) & (from_edge > 2)  # hole pixels clear of the outline's own blur
+    assert error[away].max() <= 12, error[away].max()
+    telea = cv2.inpaint(np.ascontiguousarray(source[..., ::-1]), hard, 5, cv2.INPAINT_TELEA)
+    assert (np.abs(telea[..., ::-1].astype(int) - clean).max(-1)[away] > 12).sum() > 50
+
+
+def test_a_hole_on_one_colour_is_filled_as_telea_fills_it() -> None:
+    # No edge around the hole (grain on one colour): nothing to keep apart, Telea alone.
+    grain = np.random.default_rng(3).normal(0, 10, (100, 100, 1))
+    rgb = np.clip(grain + np.array([150, 120, 90]), 0, 255).astype(np.uint8)
+    hard = np.zeros((100, 100), np.uint8)
+    hard[40:60, 20:80] = 255
+    telea = cv2.inpaint(np.ascontiguousarray(rgb[..., ::-1]), hard, 5, cv2.INPAINT_TELEA)
+    assert np.array_equal(inpaint_classical(rgb, hard, hard > 0), telea[..., ::-1])
+
+
 def test_diffusion_erasing_stops_between_denoising_steps_at_the_deadline(
     tiny_engine: ImageEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
