@@ -83,7 +83,7 @@ async def test_the_source_reaches_the_engine_only_when_an_erasure_runs(tmp_path:
     assert again is not None and again.cache_hit and again.images == first.images
     # Sent once, as its encoded bytes; "auto" is the classical engine on a CPU.
     assert engine.sent == [(data, "classical")]
-    assert first.model.id == "classical:rapidocr+opencv-telea" and first.model.revision == "3"
+    assert first.model.id == "classical:rapidocr+opencv-telea" and first.model.revision == "4"
     # Both sources were read; one erasure ran, on the CPU.
     sample = metrics.registry.get_sample_value
     assert sample("zimage_erase_source_seconds_count") == 2

@@ -71,8 +71,9 @@ def test_outlined_text_is_masked_with_its_outline() -> None:
 
 
 def test_text_that_cannot_be_told_from_grain_is_filled_with_its_whole_box() -> None:
-    # Faint text on coarse grain: the separation is unsure, so the whole grown box is the
-    # mask (every stroke in it), not a scatter of grain pixels.
+    # Faint text on coarse grain: the separation is unsure, so the whole box is the mask
+    # (every stroke in it), not a scatter of grain pixels; and only the box, with the
+    # margin and feather strokes get, not the larger area searched around it.
     rng = np.random.default_rng(1)
     grain = cv2.resize(rng.normal(0, 22, (90, 160)).astype(np.float32), (640, 360))
     scene = Image.fromarray(np.clip(140 + grain[..., None] * [1, 1, 1], 0, 255).astype(np.uint8))
@@ -85,6 +86,8 @@ def test_text_that_cannot_be_told_from_grain_is_filled_with_its_whole_box() -> N
     x0, y0 = box.polygon.min(0).astype(int)
     x1, y1 = box.polygon.max(0).astype(int)
     assert layer.hard[y0:y1, x0:x1].all(), "the whole box is filled"
+    reach = np.nonzero((layer.soft > 0).any(1))[0]
+    assert y0 - reach.min() <= 8 and reach.max() - y1 <= 8, "the fill reaches past the box"
 
 
 def test_a_thin_last_glyph_past_the_box_is_still_masked() -> None:

@@ -56,8 +56,9 @@ def __getattr__(name: str) -> Any:
 
 #: the classical erase's own revision: it is in the cache key, so results of an older
 #: way of masking or filling are not served once it changes (2: masks that follow strokes;
-#: 3: a second detector view on textured areas)
-CLASSICAL_REVISION = "3"
+#: 3: a second detector view on textured areas; 4: unsure text filled within its box, and
+#: outlines kept through a fill)
+CLASSICAL_REVISION = "4"
 
 
 def classical_model(ocr_backend: str) -> ModelInfo:

@@ -14,8 +14,11 @@ are filled, feathered by a few pixels. On a clean background (the ring's spread 
 floor) whatever stands out is text, however little of it there is, so a box with
 nothing on it (a product's handle read as a glyph) is left alone. Elsewhere, where the
 separation is unsure (too little contrast against the ring's own spread, as for faint
-text on grain, or nothing, or most of the area, standing out) the whole area is filled,
-feathered with the text's size.
+text on grain, or nothing, or most of the area, standing out) the detector's box is
+filled whole, lengthened at the line's ends and grown by a twentieth of the text height,
+with the same margin and feather as strokes: not the grown area, whose growth is room to
+look in (the box already covers whole glyphs) and, filled, only damaged the picture
+around the text.
 
 ``hard`` (uint8, 0/255) is what gets inpainted; ``soft`` (float32, 0..1) composites the
 result back: 1 over the hard mask, falling to exactly 0 a few pixels outside it, so
@@ -55,13 +58,16 @@ SURE_SHARE = (0.01, 0.6)
 MARGIN_SHARE = 0.06
 MIN_MARGIN_PX = 3
 FEATHER_PX = 3
+#: unsure, the box is filled whole, grown by this share of the text height (not the
+#: area's growth: that is room to look in, and filled it only damaged the picture)
+BOX_GROW_SHARE = 0.05
 
 
 @dataclass(frozen=True)
 class TextMask:
     hard: np.ndarray
     soft: np.ndarray
-    #: areas filled whole because their text could not be told from its background
+    #: areas whose box was filled whole, their text not told from its background
     unsure: int = 0
 
     @property
@@ -75,6 +81,7 @@ class _Area:
 
     crop: tuple[slice, slice]
     inside: np.ndarray  # uint8 0/255, the crop's size
+    box: np.ndarray  # what is filled when unsure: the lengthened box, barely grown
     height: float
     grow: int
 
@@ -94,9 +101,9 @@ def text_mask(rgb: np.ndarray, boxes: list[TextBox]) -> TextMask:
         margin = max(MIN_MARGIN_PX, round(MARGIN_SHARE * area.height))
         text = _dilated(text, margin)
         unsure += bool(whole.any())
-        hard[area.crop] = np.maximum(hard[area.crop], np.maximum(text, whole))
-        feathered = np.maximum(_feathered(text, FEATHER_PX), _feathered(whole, area.grow))
-        soft[area.crop] = np.maximum(soft[area.crop], feathered)
+        filled = np.maximum(text, _dilated(whole, margin))
+        hard[area.crop] = np.maximum(hard[area.crop], filled)
+        soft[area.crop] = np.maximum(soft[area.crop], _feathered(filled, FEATHER_PX))
     return TextMask(hard=hard, soft=soft, unsure=unsure)
 
 
@@ -116,28 +123,28 @@ def _area(shape: tuple[int, int], box: TextBox) -> _Area | None:
     cv2.fillPoly(inside, [polygon - np.array([x0, y0], np.int32)], 255)
     if not inside.any():
         return None
-    inside = _dilated(inside, grow)
-    return _Area(np.s_[y0:y1, x0:x1], inside, box.height, grow)
+    filled_whole = _dilated(inside, round(BOX_GROW_SHARE * box.height))
+    return _Area(np.s_[y0:y1, x0:x1], _dilated(inside, grow), filled_whole, box.height, grow)
 
 
 def _separate(rgb: np.ndarray, area: _Area, occupied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The text's pixels in ``area``, or the whole area when its text cannot be told from
+    """The text's pixels in ``area``, or its whole box when its text cannot be told from
     the background with confidence: (text, whole), uint8 0/255, one of them empty."""
     ring_px = max(MIN_RING_PX, round(RING_SHARE * area.height))
     ring = (_dilated(area.inside, ring_px) > 0) & (occupied == 0)
     inside = area.inside > 0
     nothing = np.zeros(inside.shape, np.uint8)
     if ring.sum() < MIN_RING_SAMPLE:
-        return nothing, area.inside
+        return nothing, area.box
     distance, threshold = _colour_distance(rgb, ring, inside)
     text = inside & (distance > threshold)
     share = text.sum() / inside.sum()
     if threshold <= MIN_CONTRAST and share < SURE_SHARE[0]:
         return text.astype(np.uint8) * 255, nothing  # a clean background, little on it
     if not SURE_SHARE[0] <= share <= SURE_SHARE[1]:
-        return nothing, area.inside
+        return nothing, area.box
     if np.median(distance[text]) < SURE_RATIO * threshold:
-        return nothing, area.inside
+        return nothing, area.box
     return text.astype(np.uint8) * 255, nothing
 
 
