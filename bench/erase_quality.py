@@ -16,8 +16,10 @@ eraser's detections. The verifier reads a product's silhouette as a glyph now an
 ("D" for a mug with its handle, "口", "门"): a box it also finds in the clean image (IoU
 at least 0.5), or one more than twice the instance's size (its box's shorter side), is
 not what is left of that instance and is not counted against it. How many instances
-that excused, and EA counting every box, are printed beside EA. Beside it, what the
-erase did to the picture:
+that excused, and EA counting every box, are printed beside EA, and the instances not
+erased are counted by why: not found (no detector box covers 30 % of it), masked short
+(under 99 % of its strokes masked) or left over (the verifier still reads it). Beside
+it, what the erase did to the picture:
 
 * **collateral**: of the pixels farther than 12 px from every text stroke, the share
   that the erase changed by more than 12 levels (in any channel, against the source);
@@ -347,6 +349,8 @@ class Figures:
     erased: list[bool] = field(default_factory=list)
     #: erased had every verifier box counted (the bench before it excused any)
     erased_strict: list[bool] = field(default_factory=list)
+    #: why the instances not erased were not: not found, masked short, left-over text
+    misses: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     excused: int = 0  # instances erased only because a verifier box was excused
     detected: list[bool] = field(default_factory=list)
     per_stratum: dict[tuple[str, str], list[int]] = field(default_factory=lambda: defaultdict(list))
@@ -390,9 +394,13 @@ def measure(  # type: ignore[no-untyped-def]
         figures.excused += ok and not strict
         own = _distance(instance.strokes)
         near, ring = own <= NEAR_PX, far & (own <= RING_PX)
+        detected = covered(instance.box, boxes)
         figures.erased.append(ok)
         figures.per_seed[seed].append(ok)
-        figures.detected.append(covered(instance.box, boxes))
+        figures.detected.append(detected)
+        if not ok:
+            why = "not found" if not detected else "masked short" if inside < 0.99 else "left over"
+            figures.misses[why] += 1
         figures.near_psnr.append(psnr(output[near], sample.clean[near]))
         figures.near_ssim.append(float(similarity[near].mean()))
         figures.ring.append((int(ring.sum()), int((changed & ring).sum())))
@@ -442,6 +450,12 @@ def report(figures: Figures) -> None:
         f"clean image too or at a product's scale; counting every box, EA "
         f"{np.mean(f.erased_strict):.1%}"
     )
+    if f.misses:
+        reasons = ", ".join(f"{count} {why}" for why, count in sorted(f.misses.items()))
+        print(
+            f"  not erased: {reasons} (not found: no detector box over it; masked short: "
+            f"under 99 % of its strokes masked; left over: the verifier still reads it)"
+        )
     print(
         f"collateral (changed > {CHANGED_LEVELS} levels, > {NEAR_PX} px from any stroke): "
         f"{far_changed / max(1, far_pixels):.3%} of those pixels"
