@@ -24,6 +24,8 @@ import time
 import cv2
 import numpy as np
 
+from .masks import colour_groups
+
 
 def inpaint_classical(
     rgb: np.ndarray,
@@ -144,11 +146,7 @@ def _sides(bgr: np.ndarray, band: np.ndarray, inside: np.ndarray) -> np.ndarray 
     pixels = bgr[band].astype(np.float32)
     if len(pixels) < 16:
         return None
-    step = max(1, len(pixels) // 2000)  # a subsample clusters the same, faster
-    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 10, 1.0)
-    sample = np.ascontiguousarray(pixels[::step])
-    labels = np.zeros((len(sample), 1), np.int32)
-    _, _, centres = cv2.kmeans(sample, 2, labels, criteria, 1, cv2.KMEANS_PP_CENTERS)
+    centres = colour_groups(pixels, 2)
     if float(np.linalg.norm(centres[0] - centres[1])) < SIDES_APART:
         return None
     # Where each pixel lies between the two centres (0 at the first, 1 at the second):

@@ -42,8 +42,9 @@ MIN_GROW_PX = 3
 RING_SHARE = 0.25
 MIN_RING_PX = 4
 MIN_RING_SAMPLE = 32
-#: the ring's colours are clustered into this many
+#: the ring's colours are clustered into this many (k-means, its generator seeded so)
 RING_COLOURS = 3
+KMEANS_SEED = 16
 #: a text pixel is further from the ring's colours than RING_SPREADS times the distance
 #: within which RING_QUANTILE % of the ring's pixels stay, and at least MIN_CONTRAST ...
 RING_QUANTILE = 95.0
@@ -190,12 +191,20 @@ def _levelled(pixels: np.ndarray, ring: np.ndarray) -> np.ndarray:
 
 def _colours(sample: np.ndarray) -> np.ndarray:
     """The background's main colours (k, 3): the ring's pixels clustered."""
-    k = min(RING_COLOURS, len(sample))
+    return colour_groups(sample, min(RING_COLOURS, len(sample)), attempts=2)
+
+
+def colour_groups(pixels: np.ndarray, k: int, attempts: int = 1) -> np.ndarray:
+    """The centres (k, 3) of ``pixels`` (n, 3) clustered by k-means, the same for the same
+    pixels whatever ran before: k-means++ draws its first centres from OpenCV's random
+    generator (one per thread), which is seeded here, so an image's mask and fill never
+    depend on what the process erased before it."""
     criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 10, 1.0)
-    step = max(1, len(sample) // 2000)  # a subsample clusters the same, faster
-    data = np.ascontiguousarray(sample[::step], np.float32)
+    step = max(1, len(pixels) // 2000)  # a subsample clusters the same, faster
+    data = np.ascontiguousarray(pixels[::step], np.float32)
     labels = np.zeros((len(data), 1), np.int32)  # not read: the centres start k-means++
-    _, _, centres = cv2.kmeans(data, k, labels, criteria, 2, cv2.KMEANS_PP_CENTERS)
+    cv2.setRNGSeed(KMEANS_SEED)
+    _, _, centres = cv2.kmeans(data, k, labels, criteria, attempts, cv2.KMEANS_PP_CENTERS)
     return np.asarray(centres, np.float32)
 
 
