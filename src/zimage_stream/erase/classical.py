@@ -12,9 +12,10 @@ bench's textured images it was not worth its time (the figures are in the README
 
 Telea also mixes the two sides of an edge that crosses a hole: text laid across a
 product's outline left the outline notched or bulging. So where the colours around a hole
-fall into two groups well apart (a product and what is behind it), each hole pixel
-belongs to the side of the known pixel nearest to it, and each side is filled from its
-own known pixels only: the outline runs on through the hole instead of being blurred.
+fall into two groups well apart (a product and what is behind it), each hole pixel is
+given a side (by the straight line that parts the two sides around the hole, where one
+does, else by the known pixel nearest to it) and each side is filled from its own known
+pixels only: the outline runs on through the hole instead of being blurred.
 """
 
 from __future__ import annotations
@@ -150,8 +151,8 @@ def _sides(bgr: np.ndarray, band: np.ndarray, inside: np.ndarray) -> np.ndarray 
     if float(np.linalg.norm(centres[0] - centres[1])) < SIDES_APART:
         return None
     # Where each pixel lies between the two centres (0 at the first, 1 at the second):
-    # past a quarter of the way from either it is that side's; between, it is the edge's
-    # own blend of both (an anti-aliased outline), which neither side's fill may take.
+    # near either it is that side's; between BLEND's bounds it is the edge's own blend of
+    # both (an anti-aliased outline), which neither side's fill may take.
     span = centres[1] - centres[0]
     along = (bgr.reshape(-1, 3).astype(np.float32) - centres[0]) @ span / float(span @ span)
     along = along.reshape(bgr.shape[:2])

@@ -82,9 +82,13 @@ class _Area:
 
     crop: tuple[slice, slice]
     inside: np.ndarray  # uint8 0/255, the crop's size
-    box: np.ndarray  # what is filled when unsure: the lengthened box, barely grown
+    box: np.ndarray  # the lengthened box alone, likewise
     height: float
-    grow: int
+
+    def whole(self) -> np.ndarray:
+        """What is filled when the text cannot be told from its background: the box,
+        barely grown."""
+        return _dilated(self.box, round(BOX_GROW_SHARE * self.height))
 
 
 def text_mask(rgb: np.ndarray, boxes: list[TextBox]) -> TextMask:
@@ -124,8 +128,7 @@ def _area(shape: tuple[int, int], box: TextBox) -> _Area | None:
     cv2.fillPoly(inside, [polygon - np.array([x0, y0], np.int32)], 255)
     if not inside.any():
         return None
-    filled_whole = _dilated(inside, round(BOX_GROW_SHARE * box.height))
-    return _Area(np.s_[y0:y1, x0:x1], _dilated(inside, grow), filled_whole, box.height, grow)
+    return _Area(np.s_[y0:y1, x0:x1], _dilated(inside, grow), inside, box.height)
 
 
 def _separate(rgb: np.ndarray, area: _Area, occupied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -136,16 +139,16 @@ def _separate(rgb: np.ndarray, area: _Area, occupied: np.ndarray) -> tuple[np.nd
     inside = area.inside > 0
     nothing = np.zeros(inside.shape, np.uint8)
     if ring.sum() < MIN_RING_SAMPLE:
-        return nothing, area.box
+        return nothing, area.whole()
     distance, threshold = _colour_distance(rgb, ring, inside)
     text = inside & (distance > threshold)
     share = text.sum() / inside.sum()
     if threshold <= MIN_CONTRAST and share < SURE_SHARE[0]:
         return text.astype(np.uint8) * 255, nothing  # a clean background, little on it
     if not SURE_SHARE[0] <= share <= SURE_SHARE[1]:
-        return nothing, area.box
+        return nothing, area.whole()
     if np.median(distance[text]) < SURE_RATIO * threshold:
-        return nothing, area.box
+        return nothing, area.whole()
     return text.astype(np.uint8) * 255, nothing
 
 
