@@ -290,33 +290,34 @@ def leftovers(
     box: tuple[int, int, int, int],
     found: list[tuple[int, int, int, int]],
     clean: list[tuple[int, int, int, int]],
-) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int, int]]]:
+) -> list[tuple[int, int, int, int]]:
     """The verifier's boxes in the output that could be what is left of the instance in
-    ``box``, and the ones that cannot: a box the verifier also finds in the clean image,
-    or one more than twice the instance's size (a product's silhouette read as a glyph)."""
+    ``box``: not a box the verifier also finds in the clean image, nor one more than twice
+    the instance's size (a product's silhouette read as a glyph)."""
     scale = 2 * min(box[2] - box[0], box[3] - box[1])
-    kept, excused = [], []
-    for other in found:
-        shape = min(other[2] - other[0], other[3] - other[1]) > scale
-        (excused if shape or any(iou(other, c) >= 0.5 for c in clean) else kept).append(other)
-    return kept, excused
-
-
-def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-    return ix * iy / max(1, union)
+    return [
+        other
+        for other in found
+        if min(other[2] - other[0], other[3] - other[1]) <= scale
+        and not any(_overlap_px(other, c) >= 0.5 * _union_px(other, c) for c in clean)
+    ]
 
 
 def covered(box: tuple[int, int, int, int], found: list[tuple[int, int, int, int]]) -> bool:
     area = max(1, (box[2] - box[0]) * (box[3] - box[1]))
-    for other in found:
-        ix = max(0, min(box[2], other[2]) - max(box[0], other[0]))
-        iy = max(0, min(box[3], other[3]) - max(box[1], other[1]))
-        if ix * iy >= 0.3 * area:
-            return True
-    return False
+    return any(_overlap_px(box, other) >= 0.3 * area for other in found)
+
+
+def _overlap_px(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    """The area two boxes (x0, y0, x1, y1) share."""
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    return ix * iy
+
+
+def _union_px(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    both = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
+    return max(1, both - _overlap_px(a, b))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -387,8 +388,9 @@ def measure(  # type: ignore[no-untyped-def]
     boxes = [_bounds(box.polygon) for box in result.regions]
     for instance in sample.instances:
         inside = result.mask.astype(bool)[instance.strokes].mean()
-        kept, _excused = leftovers(instance.box, found, clean)
-        ok = bool(inside >= 0.99 and not covered(instance.box, kept))
+        ok = bool(
+            inside >= 0.99 and not covered(instance.box, leftovers(instance.box, found, clean))
+        )
         strict = bool(inside >= 0.99 and not covered(instance.box, found))
         figures.erased_strict.append(strict)
         figures.excused += ok and not strict
