@@ -104,9 +104,8 @@ def text_mask(rgb: np.ndarray, boxes: list[TextBox]) -> TextMask:
     for area in areas:
         text, whole = _separate(rgb[area.crop], area, occupied[area.crop])
         margin = max(MIN_MARGIN_PX, round(MARGIN_SHARE * area.height))
-        text = _dilated(text, margin)
         unsure += bool(whole.any())
-        filled = np.maximum(text, _dilated(whole, margin))
+        filled = _dilated(np.maximum(text, whole), margin)  # one of them is empty
         hard[area.crop] = np.maximum(hard[area.crop], filled)
         soft[area.crop] = np.maximum(soft[area.crop], _feathered(filled, FEATHER_PX))
     return TextMask(hard=hard, soft=soft, unsure=unsure)
