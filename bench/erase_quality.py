@@ -23,7 +23,9 @@ it, what the erase did to the picture:
 
 * **collateral**: of the pixels farther than 12 px from every text stroke, the share
   that the erase changed by more than 12 levels (in any channel, against the source);
-  per stratum, over the ring 12-48 px around each instance;
+  per stratum, over the ring 12-48 px around each instance; and split by what was filled
+  there: text areas filled whole (their text not told from its background) over text,
+  such areas over no text (a detector box on a handle or grain), or text pixels' masks;
 * **edge px moved**: the product outline's pixels farther than 12 px from every stroke
   that changed by more than 12 levels (the erase should not move a product's edge);
 * **text-neighbourhood PSNR / SSIM**: against the clean image, within 12 px of an
@@ -55,6 +57,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
 from zimage_stream.erase import TextEraser, decode_image
+from zimage_stream.erase.masks import FEATHER_PX
 from zimage_stream.erase.ocr import RapidOcrDetector
 
 LATIN = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
@@ -362,6 +365,8 @@ class Figures:
     ring: list[tuple[int, int]] = field(default_factory=list)
     # per image
     far: list[tuple[int, int]] = field(default_factory=list)  # pixels, changed
+    #: far pixels changed, by what was filled there (see ``_causes``)
+    far_by_cause: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     edges_moved: list[int] = field(default_factory=list)  # images with a product only
     seconds: list[float] = field(default_factory=list)
     stages: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
@@ -382,6 +387,8 @@ def measure(  # type: ignore[no-untyped-def]
         strokes |= instance.strokes
     far = _distance(strokes) > NEAR_PX
     figures.far.append((int(far.sum()), int((changed & far).sum())))
+    for cause, zone in _causes(result, strokes).items():
+        figures.far_by_cause[cause] += int((changed & far & zone).sum())
     if sample.outline is not None:
         figures.edges_moved.append(int((changed & far & sample.outline).sum()))
     similarity = ssim_map(output, sample.clean)
@@ -414,6 +421,32 @@ def measure(  # type: ignore[no-untyped-def]
     figures.unsure += result.unsure
     figures.psnrs.append(psnr(output, sample.clean))
     figures.ssims.append(float(similarity.mean()))
+
+
+#: how far a fill's feathered edge reaches past what it fills
+FEATHER_REACH = FEATHER_PX + 1
+#: a box filled whole is over text when this many of the text's stroke pixels are in it
+OVER_TEXT_PX = 20
+
+
+def _causes(result, strokes: np.ndarray) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Where each kind of fill can have changed pixels (its feathered edge included), each
+    pixel given to one kind: boxes filled whole where no text was (a detector box over a
+    handle or grain), boxes filled whole over text, and the rest (text pixels' masks)."""
+    touched = result.touched
+    if result.whole is None:
+        return {"text pixels": touched}
+    count, labels = cv2.connectedComponents(result.whole.astype(np.uint8))
+    over = np.bincount(labels[strokes], minlength=count) >= OVER_TEXT_PX
+    over[0] = False
+    reach = np.ones((2 * FEATHER_REACH + 1,) * 2, np.uint8)
+    on_text = cv2.dilate((over[labels]).astype(np.uint8), reach) > 0
+    whole = cv2.dilate(result.whole.astype(np.uint8), reach) > 0
+    return {
+        "boxes over no text": whole & ~on_text & touched,
+        "boxes over text": on_text & touched,
+        "text pixels": touched & ~whole,
+    }
 
 
 def _bounds(polygon: np.ndarray) -> tuple[int, int, int, int]:
@@ -461,6 +494,15 @@ def report(figures: Figures) -> None:
     print(
         f"collateral (changed > {CHANGED_LEVELS} levels, > {NEAR_PX} px from any stroke): "
         f"{far_changed / max(1, far_pixels):.3%} of those pixels"
+    )
+    causes = ", ".join(
+        f"{cause} {count / max(1, far_pixels):.3%}"
+        for cause, count in sorted(f.far_by_cause.items(), key=lambda item: -item[1])
+    )
+    print(
+        f"  by what was filled there: {causes} (boxes: text areas filled whole, their text "
+        f"not told from its background; over no text: fewer than {OVER_TEXT_PX} stroke "
+        "pixels in them, a detector box on a handle or grain)"
     )
     if f.edges_moved:
         moved = sum(1 for count in f.edges_moved if count)

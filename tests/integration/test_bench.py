@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,12 @@ def test_erase_quality_prints_its_table() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "erase accuracy (EA):" in out.stdout and "background" in out.stdout
+    # The collateral's split by what was filled there adds up to the collateral.
+    total = re.search(r"collateral \(changed.*?: ([0-9.]+)%", out.stdout)
+    split = re.search(r"by what was filled there: (.*?) \(boxes:", out.stdout)
+    assert total and split, out.stdout
+    parts = [float(share) for share in re.findall(r"([0-9.]+)%", split.group(1))]
+    assert parts and abs(sum(parts) - float(total.group(1))) <= 0.002 * len(parts)
 
 
 def test_gpu_latency_runs_on_the_miniature_model() -> None:

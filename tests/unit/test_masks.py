@@ -68,6 +68,7 @@ def test_outlined_text_is_masked_with_its_outline() -> None:
     layer = text_mask(np.asarray(image), [_box_around(strokes)])
     assert layer.hard.astype(bool)[strokes].all()
     assert not (layer.soft > 0)[_distance(strokes) > HUG_PX].any()
+    assert layer.unsure == 0 and layer.whole is None  # nothing filled whole
 
 
 def test_text_that_cannot_be_told_from_grain_is_filled_with_its_whole_box() -> None:
@@ -88,6 +89,8 @@ def test_text_that_cannot_be_told_from_grain_is_filled_with_its_whole_box() -> N
     assert layer.hard[y0:y1, x0:x1].all(), "the whole box is filled"
     reach = np.nonzero((layer.soft > 0).any(1))[0]
     assert y0 - reach.min() <= 8 and reach.max() - y1 <= 8, "the fill reaches past the box"
+    # The mask says which of its pixels were filled whole: here all of them.
+    assert layer.whole is not None and np.array_equal(layer.whole, layer.hard > 0)
 
 
 def test_a_thin_last_glyph_past_the_box_is_still_masked() -> None:

@@ -43,8 +43,10 @@ class EraseResult:
     touched: np.ndarray  # where any pixel may differ from the source (feathered edges)
     seconds: float
     stages: dict[str, float] = field(default_factory=dict)
-    #: text areas filled whole, their text not told from its background (see ``masks``)
+    #: text areas filled whole, their text not told from its background (see ``masks``) ...
     unsure: int = 0
+    #: ... and where they are in ``mask`` (bool; None when there were none)
+    whole: np.ndarray | None = None
 
 
 Inpainter = Callable[[np.ndarray, np.ndarray, np.ndarray, float | None], np.ndarray]
@@ -124,6 +126,7 @@ class TextEraser:
             regions = self._detector.detect(rgb, languages=languages)
         budget.check("after finding the text")
         boxes, cleaned, unsure = list(regions), rgb, 0
+        whole: np.ndarray | None = None
         mask = np.zeros(rgb.shape[:2], dtype=np.uint8)
         touched = np.zeros(rgb.shape[:2], dtype=bool)
         # 2. Mask and fill; 3. look again where it was filled, and fill what is left.
@@ -133,6 +136,8 @@ class TextEraser:
             with stages.timing("mask"):
                 layer = text_mask(cleaned, boxes)
             mask, unsure = np.maximum(mask, layer.hard), unsure + layer.unsure
+            if layer.whole is not None:
+                whole = layer.whole if whole is None else whole | layer.whole
             touched |= layer.soft > 0
             with stages.timing("fill"):
                 cleaned = _fill_pass(fill, cleaned, layer, budget, attempt)
@@ -153,7 +158,7 @@ class TextEraser:
             seconds=round(seconds, 3),
             **{f"{name}_s": round(value, 3) for name, value in stages.seconds.items()},
         )
-        return EraseResult(image, regions, mask, touched, seconds, stages.seconds, unsure)
+        return EraseResult(image, regions, mask, touched, seconds, stages.seconds, unsure, whole)
 
     def _inpainter(self, engine: str) -> Inpainter:
         if self.resolve(engine) == "diffusion":

@@ -68,8 +68,10 @@ BOX_GROW_SHARE = 0.05
 class TextMask:
     hard: np.ndarray
     soft: np.ndarray
-    #: areas whose box was filled whole, their text not told from its background
+    #: areas whose box was filled whole, their text not told from its background ...
     unsure: int = 0
+    #: ... and what of ``hard`` they make up (bool; None: nothing filled whole)
+    whole: np.ndarray | None = None
 
     @property
     def empty(self) -> bool:
@@ -100,15 +102,18 @@ def text_mask(rgb: np.ndarray, boxes: list[TextBox]) -> TextMask:
         occupied[area.crop] = np.maximum(occupied[area.crop], area.inside)
     hard = np.zeros(shape, dtype=np.uint8)
     soft = np.zeros(shape, dtype=np.float32)
+    wholes = np.zeros(shape, dtype=bool)
     unsure = 0
     for area in areas:
         text, whole = _separate(rgb[area.crop], area, occupied[area.crop])
         margin = max(MIN_MARGIN_PX, round(MARGIN_SHARE * area.height))
-        unsure += bool(whole.any())
         filled = _dilated(np.maximum(text, whole), margin)  # one of them is empty
+        if whole.any():
+            unsure += 1
+            wholes[area.crop] |= filled > 0
         hard[area.crop] = np.maximum(hard[area.crop], filled)
         soft[area.crop] = np.maximum(soft[area.crop], _feathered(filled, FEATHER_PX))
-    return TextMask(hard=hard, soft=soft, unsure=unsure)
+    return TextMask(hard=hard, soft=soft, unsure=unsure, whole=wholes if unsure else None)
 
 
 def _area(shape: tuple[int, int], box: TextBox) -> _Area | None:
