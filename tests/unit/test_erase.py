@@ -148,7 +148,7 @@ def test_the_mask_covers_every_stroke_and_nothing_else_changes(eraser: TextErase
     distance = cv2.distanceTransform((~rendered.strokes).astype(np.uint8), cv2.DIST_L2, 5)
     largest = max(size for _text, _at, _font, size, _colour in _texts())
     assert distance[result.mask.astype(bool)].max() <= 1.5 * largest
-    # Every whole-filled area is part of the mask (here, on a plain scene, there are none).
+    # On a plain scene every line is told from its background: nothing is filled whole.
     assert result.unsure == 0 and result.whole is None
 
 
@@ -510,8 +510,9 @@ def test_translucent_low_contrast_text_on_grain_is_masked_whole(
     data = png_bytes(faint, format="JPEG", quality=60)
     result = eraser.erase(decode_image(data), "classical")
     assert result.mask.astype(bool)[strokes].mean() >= 0.99
-    if result.whole is not None:  # what was filled whole is in the mask, and said so
-        assert result.unsure >= 1 and not (result.whole & (result.mask == 0)).any()
+    # Text this faint on grain is filled whole, inside the mask, and the result says so.
+    assert result.unsure >= 1 and result.whole is not None
+    assert not (result.whole & (result.mask == 0)).any()
 
 
 def test_small_text_in_a_large_photo_is_found_through_tiling(eraser: TextEraser) -> None:
