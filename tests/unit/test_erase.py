@@ -370,10 +370,16 @@ def test_the_diffusion_engine_fills_a_line_of_hugging_masks_in_one_crop() -> Non
 
 
 class _StandInDetector:
-    """Finds one fixed line of text, after ``delay_s``."""
+    """Finds one line of text (``line``, else a fixed one), after ``delay_s``; looking again
+    (without the texture view) it finds ``again``."""
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, delay_s: float = 0.0, line: TextBox | None = None, again: tuple[TextBox, ...] = ()
+    ) -> None:
         self.delay_s = delay_s
+        corners = np.array([[40, 40], [200, 40], [200, 80], [40, 80]], np.float32)
+        self.line = line or TextBox(corners, "SALE", 0.9)
+        self.again = again
 
     def detect(
         self,
@@ -383,8 +389,25 @@ class _StandInDetector:
         texture_view: bool = True,
     ) -> list[TextBox]:
         time.sleep(self.delay_s)
-        corners = np.array([[40, 40], [200, 40], [200, 80], [40, 80]], np.float32)
-        return [TextBox(corners, "SALE", 0.9)]
+        return [self.line] if texture_view else list(self.again)
+
+
+def test_a_second_look_fills_only_around_what_the_first_filled() -> None:
+    # Looking again is for leftover strokes at a fill's edge; a box found farther off in
+    # the context around the fill (the handle, whole) is left alone.
+    mug, _ = mug_scene()
+    drawn = with_text(mug, [("SALE", (40, 40), LATIN_FONT, 36, DARK)])
+    ys, xs = np.nonzero(drawn.strokes)
+    x0, y0, x1, y1 = xs.min() - 4, ys.min() - 4, xs.max() + 4, ys.max() + 4
+    box = TextBox(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32), "", 0.9)
+    # On a second look the detector boxes the mug's handle (as PP-OCR did, reading it
+    # as a glyph), far from what the first filled.
+    handle = np.array([[388, 118], [522, 118], [522, 252], [388, 252]], np.float32)
+    detector = _StandInDetector(line=box, again=(TextBox(handle, "", 0.9),))
+    result = TextEraser(detector).erase(decode_image(png_bytes(drawn.image)), "classical")
+    assert result.mask.astype(bool)[drawn.strokes].all()
+    out = np.asarray(result.image.convert("RGB"))
+    assert np.array_equal(out[100:270, 370:540], np.asarray(mug)[100:270, 370:540])
 
 
 def test_erasing_stops_once_its_deadline_passes() -> None:

@@ -16,6 +16,7 @@ from zimage_stream.consumer import Delivery
 from zimage_stream.dedup import Dedup
 from zimage_stream.engine.calls import EncodedImage, Erased, LoadReport
 from zimage_stream.engine_process import EngineProcess
+from zimage_stream.erase import CLASSICAL_REVISION
 from zimage_stream.erasures import Erasures, PixelBudget
 from zimage_stream.metrics import WorkerMetrics
 from zimage_stream.schemas import EraseTextRequest, ModelInfo
@@ -83,7 +84,9 @@ async def test_the_source_reaches_the_engine_only_when_an_erasure_runs(tmp_path:
     assert again is not None and again.cache_hit and again.images == first.images
     # Sent once, as its encoded bytes; "auto" is the classical engine on a CPU.
     assert engine.sent == [(data, "classical")]
-    assert first.model.id == "classical:rapidocr+opencv-telea" and first.model.revision == "4"
+    # The classical erase's revision is in the model (and so in the cache key).
+    assert first.model.id == "classical:rapidocr+opencv-telea"
+    assert first.model.revision == CLASSICAL_REVISION
     # Both sources were read; one erasure ran, on the CPU.
     sample = metrics.registry.get_sample_value
     assert sample("zimage_erase_source_seconds_count") == 2

@@ -11,12 +11,15 @@ the ring's own pixels are from it is text. That holds for solid, outlined and
 translucent text alike, and a line laid across a product leaves the product's outline
 alone. The text pixels plus a small margin (anti-aliased and JPEG-blurred stroke edges)
 are filled, feathered by a few pixels. On a clean background (the ring's spread at its
-floor) whatever stands out is text, however little of it there is, so a box with
-nothing on it (a product's handle read as a glyph) is left alone. Elsewhere, where the
-separation is unsure (too little contrast against the ring's own spread, as for faint
-text on grain, or nothing, or most of the area, standing out) the detector's box is
-filled whole, lengthened at the line's ends and grown by a twentieth of the text height,
-with the same margin and feather as strokes: not the grown area, whose growth is room to
+floor) whatever stands out is text, however little of it there is and however faintly,
+so a box with nothing on it (a product's handle read as a glyph) is left alone. On a
+busy one (grain), a few of the background's own pixels stand out too, scattered around
+the text: a group of text pixels is kept only when some of it stands out clearly
+(hysteresis, as in Canny's edges), so grain specks are not filled. Where the separation
+is unsure (too little contrast against the ring's own spread, as for faint text on
+grain, or nothing, or most of the area, standing out) the detector's box is filled
+whole, lengthened at the line's ends and grown by a twentieth of the text height, with
+the same margin and feather as strokes: not the grown area, whose growth is room to
 look in (the box already covers whole glyphs) and, filled, only damaged the picture
 around the text.
 
@@ -51,7 +54,9 @@ RING_QUANTILE = 95.0
 RING_SPREADS = 1.5
 MIN_CONTRAST = 8.0
 #: ... and the separation is sure when the text pixels' median distance is this many
-#: times that threshold and they make up a share of the area within these bounds
+#: times that threshold (not asked on a clean background, the threshold at its floor)
+#: and they make up a share of the area within these bounds; on a busy background a
+#: group of text pixels none of which stands out this much is the background's
 SURE_RATIO = 1.6
 SURE_SHARE = (0.01, 0.6)
 #: text pixels are filled with this margin (a share of the text height, at least) and
@@ -93,8 +98,13 @@ class _Area:
         return _dilated(self.box, round(BOX_GROW_SHARE * self.height))
 
 
-def text_mask(rgb: np.ndarray, boxes: list[TextBox]) -> TextMask:
-    """The hard and feathered masks over the text in ``boxes`` of ``rgb`` (H, W, 3 uint8)."""
+def text_mask(rgb: np.ndarray, boxes: list[TextBox], within: np.ndarray | None = None) -> TextMask:
+    """The hard and feathered masks over the text in ``boxes`` of ``rgb`` (H, W, 3 uint8).
+
+    ``within`` (H, W bool), when given, is where text may be: what a box finds outside it
+    (before the margin) is left alone. The eraser's second look uses it to fill only
+    around what the first filled.
+    """
     shape = rgb.shape[:2]
     areas = [area for box in boxes if (area := _area(shape, box)) is not None]
     occupied = np.zeros(shape, dtype=np.uint8)
@@ -106,6 +116,8 @@ def text_mask(rgb: np.ndarray, boxes: list[TextBox]) -> TextMask:
     unsure = 0
     for area in areas:
         text, whole = _separate(rgb[area.crop], area, occupied[area.crop])
+        if within is not None:
+            text, whole = (np.where(within[area.crop], part, 0) for part in (text, whole))
         margin = max(MIN_MARGIN_PX, round(MARGIN_SHARE * area.height))
         filled = _dilated(np.maximum(text, whole), margin)  # one of them is empty
         if whole.any():
@@ -147,13 +159,26 @@ def _separate(rgb: np.ndarray, area: _Area, occupied: np.ndarray) -> tuple[np.nd
     distance, threshold = _colour_distance(rgb, ring, inside)
     text = inside & (distance > threshold)
     share = text.sum() / inside.sum()
-    if threshold <= MIN_CONTRAST and share < SURE_SHARE[0]:
+    clean = threshold <= MIN_CONTRAST
+    if clean and share < SURE_SHARE[0]:
         return text.astype(np.uint8) * 255, nothing  # a clean background, little on it
     if not SURE_SHARE[0] <= share <= SURE_SHARE[1]:
         return nothing, area.whole()
-    if np.median(distance[text]) < SURE_RATIO * threshold:
-        return nothing, area.whole()
+    if not clean:
+        if np.median(distance[text]) < SURE_RATIO * threshold:
+            return nothing, area.whole()
+        text = _with_some_of(text, distance > SURE_RATIO * threshold)
     return text.astype(np.uint8) * 255, nothing
+
+
+def _with_some_of(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
+    """The connected groups (8-connected) of ``weak`` that hold a pixel of ``strong``."""
+    count, labels = cv2.connectedComponents(weak.astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, bool)
+    keep[labels[weak & strong]] = True
+    keep[0] = False
+    kept: np.ndarray = keep[labels]
+    return kept
 
 
 def _colour_distance(
