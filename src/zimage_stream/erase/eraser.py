@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..errors import InferenceTimeoutError, ModelUnavailableError
 from .classical import inpaint_classical
-from .masks import TextMask, composite, text_mask
+from .masks import TextMask, composite, dilated, text_mask
 from .ocr import LANGUAGES, TextBox, TextDetector
 from .sources import SourceImage
 
@@ -199,9 +199,7 @@ def _near(filled: np.ndarray) -> np.ndarray:
     0/255). Leftover strokes are there; a box the detector finds farther off, in the
     context kept around a fill, is a product's part or the grain that the fill's smooth
     patch now stands out of (filled whole, a mug's handle went with it)."""
-    size = 2 * LOOK_AGAIN_REACH_PX + 1
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
-    near: np.ndarray = cv2.dilate(filled, kernel) > 0
+    near: np.ndarray = dilated(filled, LOOK_AGAIN_REACH_PX) > 0
     return near
 
 

@@ -95,7 +95,7 @@ class _Area:
     def whole(self) -> np.ndarray:
         """What is filled when the text cannot be told from its background: the box,
         barely grown."""
-        return _dilated(self.box, round(BOX_GROW_SHARE * self.height))
+        return dilated(self.box, round(BOX_GROW_SHARE * self.height))
 
 
 def text_mask(rgb: np.ndarray, boxes: list[TextBox], within: np.ndarray | None = None) -> TextMask:
@@ -115,11 +115,13 @@ def text_mask(rgb: np.ndarray, boxes: list[TextBox], within: np.ndarray | None =
     wholes = np.zeros(shape, dtype=bool)
     unsure = 0
     for area in areas:
+        if within is not None and not within[area.crop].any():
+            continue  # nothing it finds could be filled
         text, whole = _separate(rgb[area.crop], area, occupied[area.crop])
         if within is not None:
             text, whole = (np.where(within[area.crop], part, 0) for part in (text, whole))
         margin = max(MIN_MARGIN_PX, round(MARGIN_SHARE * area.height))
-        filled = _dilated(np.maximum(text, whole), margin)  # one of them is empty
+        filled = dilated(np.maximum(text, whole), margin)  # one of them is empty
         if whole.any():
             unsure += 1
             wholes[area.crop] |= filled > 0
@@ -144,14 +146,14 @@ def _area(shape: tuple[int, int], box: TextBox) -> _Area | None:
     cv2.fillPoly(inside, [polygon - np.array([x0, y0], np.int32)], 255)
     if not inside.any():
         return None
-    return _Area(np.s_[y0:y1, x0:x1], _dilated(inside, grow), inside, box.height)
+    return _Area(np.s_[y0:y1, x0:x1], dilated(inside, grow), inside, box.height)
 
 
 def _separate(rgb: np.ndarray, area: _Area, occupied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The text's pixels in ``area``, or its whole box when its text cannot be told from
     the background with confidence: (text, whole), uint8 0/255, one of them empty."""
     ring_px = max(MIN_RING_PX, round(RING_SHARE * area.height))
-    ring = (_dilated(area.inside, ring_px) > 0) & (occupied == 0)
+    ring = (dilated(area.inside, ring_px) > 0) & (occupied == 0)
     inside = area.inside > 0
     nothing = np.zeros(inside.shape, np.uint8)
     if ring.sum() < MIN_RING_SAMPLE:
@@ -260,7 +262,8 @@ def _distance(pixels: np.ndarray, colours: np.ndarray) -> np.ndarray:
     return distance
 
 
-def _dilated(mask: np.ndarray, by: int) -> np.ndarray:
+def dilated(mask: np.ndarray, by: int) -> np.ndarray:
+    """``mask`` (uint8) grown by ``by`` pixels on every side (a round kernel)."""
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * by + 1, 2 * by + 1))
     return cv2.dilate(mask, kernel)
 
@@ -282,7 +285,7 @@ def _feathered(hard: np.ndarray, width: int) -> np.ndarray:
     if not hard.any():
         return np.zeros(hard.shape, dtype=np.float32)
     size = 2 * width + 1
-    ring = _dilated(hard, width)
+    ring = dilated(hard, width)
     soft = cv2.GaussianBlur(ring.astype(np.float32) / 255.0, (size, size), width / 2)
     soft = np.maximum(soft, hard.astype(np.float32) / 255.0)
     soft[ring == 0] = 0.0  # exactly zero outside the feather ring
