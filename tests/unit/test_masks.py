@@ -71,13 +71,18 @@ def test_outlined_text_is_masked_with_its_outline() -> None:
     assert layer.unsure == 0 and layer.whole is None  # nothing filled whole
 
 
+def _grain(seed: int, spread: float = 22.0) -> Image.Image:
+    """Coarse grain (a few pixels across) on mid grey, 640 x 360."""
+    rng = np.random.default_rng(seed)
+    grain = cv2.resize(rng.normal(0, spread, (90, 160)).astype(np.float32), (640, 360))
+    return Image.fromarray(np.clip(140 + grain[..., None] * [1, 1, 1], 0, 255).astype(np.uint8))
+
+
 def test_text_that_cannot_be_told_from_grain_is_filled_with_its_whole_box() -> None:
     # Faint text on coarse grain: the separation is unsure, so the whole box is the mask
     # (every stroke in it), not a scatter of grain pixels; and only the box, with the
     # margin and feather strokes get, not the larger area searched around it.
-    rng = np.random.default_rng(1)
-    grain = cv2.resize(rng.normal(0, 22, (90, 160)).astype(np.float32), (640, 360))
-    scene = Image.fromarray(np.clip(140 + grain[..., None] * [1, 1, 1], 0, 255).astype(np.uint8))
+    scene = _grain(1)
     drawn = with_text(scene, [("Free shipping", (200, 160), LATIN_FONT, 24, (110, 110, 110))])
     image = Image.blend(scene, drawn.image, 0.5)
     strokes = (np.asarray(image) != np.asarray(scene)).any(-1) & drawn.strokes
@@ -153,13 +158,6 @@ def test_a_mask_is_the_same_whatever_was_clustered_before() -> None:
         cv2.kmeans(other, 3, None, criteria, draw + 1, cv2.KMEANS_PP_CENTERS)
         masks.append(text_mask(image, [_box_around(drawn.strokes)]).hard)
     assert all(np.array_equal(masks[0], mask) for mask in masks[1:])
-
-
-def _grain(seed: int, spread: float = 22.0) -> Image.Image:
-    """Coarse grain (a few pixels across) on mid grey, 640 x 360."""
-    rng = np.random.default_rng(seed)
-    grain = cv2.resize(rng.normal(0, spread, (90, 160)).astype(np.float32), (640, 360))
-    return Image.fromarray(np.clip(140 + grain[..., None] * [1, 1, 1], 0, 255).astype(np.uint8))
 
 
 def test_grain_around_clear_text_is_mostly_left_alone() -> None:
