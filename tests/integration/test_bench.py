@@ -66,6 +66,35 @@ def test_erase_quality_prints_its_table() -> None:
     assert parts and abs(sum(parts) - float(total.group(1))) <= 0.002 * len(parts)
 
 
+@pytest.mark.skipif(
+    not Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc").is_file(),
+    reason="needs fonts-wqy-zenhei",
+)
+def test_erase_quality_with_cached_answers_gives_the_same_figures(tmp_path: Path) -> None:
+    # --cache keeps the detector's and verifier's answers for mask and fill work: a second
+    # run reads them and must measure exactly what the first did.
+    command = [sys.executable, str(BENCH / "erase_quality.py"), "--images", "2"]
+    runs = [
+        subprocess.run(
+            [*command, "--cache", str(tmp_path / "answers")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for _ in range(2)
+    ]
+    for out in runs:
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "answers cached in" in out.stdout
+    assert any((tmp_path / "answers").glob("detect-*.pickle"))
+    assert any((tmp_path / "answers").glob("verify-*.pickle"))
+    figures = [
+        [line for line in out.stdout.splitlines() if "seconds" not in line and "total" not in line]
+        for out in runs
+    ]
+    assert figures[0] == figures[1]
+
+
 def test_gpu_latency_runs_on_the_miniature_model() -> None:
     out = subprocess.run(
         [sys.executable, str(BENCH / "gpu_latency.py"), "--tiny", "--repeats", "1"],
