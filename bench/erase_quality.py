@@ -32,19 +32,23 @@ it, what the erase did to the picture:
   instance's strokes (what the fill put where the text was, and around it).
 
     .venv/bin/python bench/erase_quality.py [--images 96] [--seed 1 | --seed 1-5 | --seed 2,3]
-        [--where background=texture] [--cache DIR]
+        [--where background=texture] [--cache DIR] [--ocr-runtime R] [--ocr-precision P]
 
 Several seeds are pooled (each a set of ``--images``), with one EA line per seed: a
 stratum holds about 60 instances in one set, so one set's per-stratum figure moves by a
 few points from seed to seed. ``--where`` erases only the images with that image-wide
 stratum (background, jpeg, product), for quick iteration on a subset.
+``--ocr-runtime`` and ``--ocr-precision`` choose what runs the detector network, as
+``ZIMAGE_OCR_RUNTIME`` and ``ZIMAGE_OCR_PRECISION`` do for the worker, to compare them on
+the same images.
 
 ``--cache DIR`` keeps the detector's and the verifier's answers in DIR, keyed by the
 image's pixels and the call's arguments, for iterating on masks and fills: a rerun with
 the same boxes then takes a fifth of the time (`--seed 1` in about 70 s instead of
 4 min on two cores). The finding stage is not measured then (its seconds are the cache's),
 so times are not comparable with a run without it; and the answers are the detector's of
-when they were cached: empty DIR after changing the detector (``erase/ocr.py``).
+when they were cached: empty DIR after changing the detector (``erase/ocr.py``; its
+runtime and precision are part of the key).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ from tqdm import tqdm
 
 from zimage_stream.erase import TextEraser, decode_image
 from zimage_stream.erase.masks import FEATHER_PX
-from zimage_stream.erase.ocr import RapidOcrDetector
+from zimage_stream.erase.ocr import PRECISIONS, RUNTIMES, RapidOcrDetector
 
 LATIN = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
 CJK = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
@@ -382,6 +386,7 @@ class Figures:
     unsure: int = 0
     psnrs: list[float] = field(default_factory=list)
     ssims: list[float] = field(default_factory=list)
+    runtime: str = ""  # what ran the detector network
 
 
 def measure(  # type: ignore[no-untyped-def]
@@ -491,14 +496,22 @@ class _CachedDetector:
         if "languages" in arguments:
             arguments["languages"] = sorted(arguments["languages"])
         compute = lambda: self.detector.detect(rgb, **arguments)  # noqa: E731
-        return self.cache.get("detect", rgb, compute, **arguments)
+        runtime = self.detector.runtime  # bfloat16 boxes are not float32's
+        return self.cache.get("detect", rgb, compute, runtime=runtime, **arguments)
 
 
-def run(images: int, seeds: list[int], where: dict[str, str], cache: Path | None = None) -> Figures:
+def run(
+    images: int,
+    seeds: list[int],
+    where: dict[str, str],
+    cache: Path | None = None,
+    runtime: str = "auto",
+    precision: str = "auto",
+) -> Figures:
     from rapidocr_onnxruntime import RapidOCR
 
     kept = _Cache(cache) if cache is not None else None
-    detector = RapidOcrDetector()
+    detector = RapidOcrDetector(runtime, precision)
     eraser = TextEraser(detector if kept is None else _CachedDetector(detector, kept))
     verifier = RapidOCR()
 
@@ -507,7 +520,7 @@ def run(images: int, seeds: list[int], where: dict[str, str], cache: Path | None
             return verifier_boxes(verifier, rgb)
         return kept.get("verify", rgb, lambda: verifier_boxes(verifier, rgb))  # type: ignore[no-any-return]
 
-    figures = Figures()
+    figures = Figures(runtime=detector.runtime)
     for seed, index in tqdm([(seed, index) for seed in seeds for index in range(images)]):
         sample = make_sample(index, seed)
         if any(sample.strata.get(name) != value for name, value in where.items()):
@@ -523,7 +536,10 @@ def run(images: int, seeds: list[int], where: dict[str, str], cache: Path | None
 def report(figures: Figures) -> None:
     f = figures
     far_pixels, far_changed = (sum(column) for column in zip(*f.far, strict=True))
-    print(f"\n{len(f.seconds)} images, {len(f.erased)} text instances (1024x768, classical engine)")
+    print(
+        f"\n{len(f.seconds)} images, {len(f.erased)} text instances (1024x768, classical engine;"
+        f" detector on {f.runtime})"
+    )
     print(
         f"erase accuracy (EA): {np.mean(f.erased):.1%}   "
         f"detection recall: {np.mean(f.detected):.1%}"
@@ -623,11 +639,19 @@ def main() -> None:
         type=Path,
         help="keep the detector's and verifier's answers here (mask and fill work; see above)",
     )
+    parser.add_argument(
+        "--ocr-runtime", choices=RUNTIMES, default="auto", help="as ZIMAGE_OCR_RUNTIME"
+    )
+    parser.add_argument(
+        "--ocr-precision", choices=PRECISIONS, default="auto", help="as ZIMAGE_OCR_PRECISION"
+    )
     args = parser.parse_args()
     if not CJK.is_file():
         raise SystemExit(f"needs a CJK font at {CJK} (apt-get install fonts-wqy-zenhei)")
     started = time.perf_counter()
-    figures = run(args.images, args.seed, dict(args.where), args.cache)
+    figures = run(
+        args.images, args.seed, dict(args.where), args.cache, args.ocr_runtime, args.ocr_precision
+    )
     if not figures.erased:
         raise SystemExit("no image matches --where")
     report(figures)

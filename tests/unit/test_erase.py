@@ -29,13 +29,25 @@ from tests.support.render import (
 )
 from zimage_stream.engine import ImageEngine
 from zimage_stream.engine.inpaint import DiffusionInpainter, _crops
-from zimage_stream.erase import TextEraser, decode_image, make_detector, read_source
+from zimage_stream.erase import (
+    TextEraser,
+    decode_image,
+    detector_for,
+    make_detector,
+    read_source,
+)
 from zimage_stream.erase.classical import inpaint_classical
-from zimage_stream.erase.ocr import LANGUAGES, RapidOcrDetector, TextBox, _textured_area
+from zimage_stream.erase.ocr import (
+    LANGUAGES,
+    LARGE_VIEW_PX,
+    RapidOcrDetector,
+    TextBox,
+    _textured_area,
+)
 from zimage_stream.erase.sources import MAX_SOURCE_BYTES
 from zimage_stream.errors import InferenceTimeoutError, ZImageError
 from zimage_stream.schemas import ImageSource
-from zimage_stream.settings import StorageSettings
+from zimage_stream.settings import Settings, StorageSettings
 from zimage_stream.storage import Storage
 
 RED, DARK = (200, 20, 20), (25, 25, 25)
@@ -628,3 +640,89 @@ def test_only_textured_areas_get_the_second_view() -> None:
     assert _textured_area(np.asarray(rendered.image)) is None
     height, width = 768, 1024
     assert _textured_area(np.asarray(_grain_and_stripes(0))) == (0, height, 0, width)
+
+
+class _CountedSession:
+    """Delegates to an onnxruntime session, counting the pixels of what it runs."""
+
+    def __init__(self, session: Any) -> None:
+        self.session, self.inputs = session, []
+
+    def run(self, outputs: Any, feeds: dict) -> Any:
+        (tensor,) = feeds.values()
+        self.inputs.append(tensor.shape[2] * tensor.shape[3])
+        return self.session.run(outputs, feeds)
+
+
+def _boxes_agree(a: list[TextBox], b: list[TextBox]) -> bool:
+    """The same boxes, corners within 2 px (the order DB post-processing gives them)."""
+    return len(a) == len(b) and all(
+        np.abs(x.polygon - y.polygon).max() <= 2 for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_openvino_runs_the_large_views_and_finds_what_onnxruntime_finds() -> None:
+    # OpenVINO at float32 computes the same network: the same probability, so the same
+    # boxes; it runs the whole-image view (1792x1344 here), onnxruntime the small ones.
+    rgb = np.asarray(with_text(product_scene(), _texts()).image)
+    reference = RapidOcrDetector("onnxruntime")
+    exact = RapidOcrDetector("openvino", "f32")
+    assert reference.runtime == "onnxruntime"
+    assert exact.runtime.startswith("openvino (f32)")
+    view = cv2.resize(rgb, (1792, 1344), interpolation=cv2.INTER_CUBIC)
+    difference = np.abs(exact._probability(view) - reference._probability(view))
+    assert difference.max() < 1e-3
+    counted = _CountedSession(exact._session)
+    exact._session = counted  # type: ignore[assignment]
+    assert _boxes_agree(exact.detect(rgb, read=False), reference.detect(rgb, read=False))
+    assert counted.inputs == []  # the one large view went to OpenVINO
+    small = rgb[40:200, 40:560]  # a look-again crop: 910x280 px enlarged
+    assert _boxes_agree(exact.detect(small, read=False), reference.detect(small, read=False))
+    assert counted.inputs and max(counted.inputs) < LARGE_VIEW_PX
+
+
+def test_the_default_precision_finds_the_same_text(detector: RapidOcrDetector) -> None:
+    # OpenVINO's own choice (bfloat16 on CPUs that have it, as this project's machines do)
+    # boxes the text as float32 onnxruntime does, on plain and textured backgrounds (on
+    # grain both also box a few specks, not always the same ones).
+    reference = RapidOcrDetector("onnxruntime")
+    plain = with_text(product_scene(), _texts())
+    scene = _grain_and_stripes(3, grain_sd=10, stripes=8, base=(140, 140, 140))
+    overlay = with_text(scene, [("Free shipping", (300, 400), LATIN_FONT, 14, (100, 100, 100))])
+    grain = np.asarray(Image.blend(scene, overlay.image, 0.6))
+    cases = [(np.asarray(plain.image), plain.strokes, len(_texts())), (grain, overlay.strokes, 1)]
+    for rgb, strokes, lines in cases:
+        found = _over(detector.detect(rgb, read=False), strokes)
+        expected = _over(reference.detect(rgb, read=False), strokes)
+        assert len(expected) == lines and _boxes_agree(found, expected)
+
+
+def _over(boxes: list[TextBox], strokes: np.ndarray) -> list[TextBox]:
+    """The boxes that hold some of the text's strokes."""
+    kept = []
+    for box in boxes:
+        inside = np.zeros(strokes.shape, np.uint8)
+        cv2.fillPoly(inside, [np.round(box.polygon).astype(np.int32)], 1)
+        if (strokes & (inside > 0)).sum() >= 20:
+            kept.append(box)
+    return kept
+
+
+def test_the_ocr_runtime_is_chosen_and_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZIMAGE_OCR_RUNTIME", "onnxruntime")
+    monkeypatch.setenv("ZIMAGE_OCR_PRECISION", "f32")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert (settings.ocr.runtime, settings.ocr.precision) == ("onnxruntime", "f32")
+    assert detector_for(settings.ocr).runtime == "onnxruntime"  # type: ignore[attr-defined]
+    monkeypatch.setenv("ZIMAGE_OCR_PRECISION", "int8")
+    with pytest.raises(ValueError, match="precision"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="OCR runtime 'tensorrt'"):
+        RapidOcrDetector("tensorrt")
+    # Without OpenVINO installed: auto runs everything on onnxruntime, asking for it fails.
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert make_detector(runtime="auto").runtime == "onnxruntime"  # type: ignore[attr-defined]
+    with pytest.raises(ZImageError) as info:
+        make_detector(runtime="openvino")
+    assert info.value.code == "model_unavailable"
+    assert "pip install openvino" in info.value.message
