@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+from structlog.testing import capture_logs
 
 from tests.conftest import REPO
 from tests.support.render import (
@@ -685,6 +686,7 @@ def test_the_default_precision_finds_the_same_text(detector: RapidOcrDetector) -
     # OpenVINO's own choice (bfloat16 on CPUs that have it, as this project's machines do)
     # boxes the text as float32 onnxruntime does, on plain and textured backgrounds (on
     # grain both also box a few specks, not always the same ones).
+    assert detector.runtime.startswith("openvino")  # a dependency: the default uses it
     reference = RapidOcrDetector("onnxruntime")
     plain = with_text(product_scene(), _texts())
     scene = _grain_and_stripes(3, grain_sd=10, stripes=8, base=(140, 140, 140))
@@ -721,7 +723,10 @@ def test_the_ocr_runtime_is_chosen_and_refused_clearly(monkeypatch: pytest.Monke
         RapidOcrDetector("tensorrt")
     # Without OpenVINO installed: auto runs everything on onnxruntime, asking for it fails.
     monkeypatch.setitem(sys.modules, "openvino", None)
-    assert make_detector(runtime="auto").runtime == "onnxruntime"  # type: ignore[attr-defined]
+    with capture_logs() as logs:
+        assert make_detector(runtime="auto").runtime == "onnxruntime"  # type: ignore[attr-defined]
+    (warning,) = [entry for entry in logs if entry["event"] == "ocr_openvino_unavailable"]
+    assert "import of openvino" in warning["reason"] and warning["using"] == "onnxruntime"
     with pytest.raises(ZImageError) as info:
         make_detector(runtime="openvino")
     assert info.value.code == "model_unavailable"

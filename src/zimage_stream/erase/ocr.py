@@ -31,11 +31,13 @@ README.
 for views of ``LARGE_VIEW_PX`` and more: the whole-image and texture views, which are most
 of the time an erase takes. On this project's 2-core CPU it ran the 1792x1344 view in 0.26
 s against onnxruntime's 0.39 s at float32 (the same probability to 1e-4), 0.13 s at
-bfloat16. OpenVINO prepares kernels for each new input shape, which costs more than the
-run itself on small views, so the look-again crops stay on onnxruntime. ``precision``
-``auto`` lets OpenVINO pick: bfloat16 on CPUs that compute it natively (AVX512_BF16 or
-AMX), else float32; ``f32`` keeps the masks the same on every CPU. The bench measured
-bfloat16 no worse (README).
+bfloat16. OpenVINO prepares kernels for each input shape it has not run yet, which costs
+more than the run itself on small views, so smaller views (the look-again crops, all but
+those around very large text) stay on onnxruntime. ``precision`` ``auto`` takes
+OpenVINO's default for the CPU: bfloat16 on x86 CPUs that compute it natively
+(AVX512_BF16, AMX), float32 on other x86 CPUs; ``f32`` keeps the masks the same on every
+CPU. The bench measured bfloat16 no worse (README). Without a usable OpenVINO, ``auto``
+runs everything on onnxruntime and logs why.
 
 Two of RapidOCR's internals are used (``DBPostProcess`` for boxes from the probability
 map, ``RapidOCR.get_crop_img_list`` for recognition crops), so its version is pinned in
@@ -318,21 +320,24 @@ class RapidOcrDetector:
 
 
 def _openvino(model: Path, precision: str, runtime: str) -> Any:
-    """The detector compiled by OpenVINO for the CPU, or None where OpenVINO is not
-    installed and ``runtime`` is ``auto`` (onnxruntime then runs every view)."""
-    try:
-        import openvino
-    except ImportError as exc:
-        if runtime == "auto":
-            return None
-        raise ModelUnavailableError(
-            "ZIMAGE_OCR_RUNTIME=openvino, but openvino is not installed: pip install openvino"
-            " (or use auto or onnxruntime)"
-        ) from exc
+    """The detector compiled by OpenVINO for the CPU. Where OpenVINO cannot be loaded or
+    cannot compile it: None under ``auto`` (onnxruntime then runs every view, and a warning
+    says why), ``ModelUnavailableError`` under ``openvino``."""
     config = {"PERFORMANCE_HINT": "LATENCY"}
     if precision == "f32":
         config["INFERENCE_PRECISION_HINT"] = "f32"
-    return openvino.Core().compile_model(str(model), "CPU", config)
+    try:
+        import openvino
+
+        return openvino.Core().compile_model(str(model), "CPU", config)
+    except Exception as exc:  # not installed, a broken install, a CPU it cannot use
+        if runtime == "auto":
+            log.warning("ocr_openvino_unavailable", reason=repr(exc), using="onnxruntime")
+            return None
+        raise ModelUnavailableError(
+            f"ZIMAGE_OCR_RUNTIME=openvino, but OpenVINO cannot run the text detector ({exc});"
+            " pip install openvino, or use auto or onnxruntime"
+        ) from exc
 
 
 def _reads_as_text(box: TextBox, score: float) -> bool:
