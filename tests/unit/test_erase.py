@@ -37,7 +37,7 @@ from zimage_stream.erase import (
     make_detector,
     read_source,
 )
-from zimage_stream.erase.classical import inpaint_classical
+from zimage_stream.erase.classical import LARGE_HOLE_PX, inpaint_classical
 from zimage_stream.erase.ocr import (
     LANGUAGES,
     LARGE_VIEW_PX,
@@ -731,3 +731,30 @@ def test_the_ocr_runtime_is_chosen_and_refused_clearly(monkeypatch: pytest.Monke
         make_detector(runtime="openvino")
     assert info.value.code == "model_unavailable"
     assert "pip install openvino" in info.value.message
+
+
+def test_a_large_hole_is_filled_as_telea_fills_it_at_full_size() -> None:
+    # A text area filled whole (8,000 px) is filled at half size inside and at full size
+    # along its border: on shading and grain the fill stays within a few levels of
+    # Telea's at full size, closer where it meets the picture, and as close to the clean
+    # picture as Telea's.
+    rng = np.random.default_rng(7)
+    ys, xs = np.mgrid[0:160, 0:320].astype(np.float32)
+    shading = 110 + 0.1 * xs + 8 * np.sin(ys / 30)
+    grain = cv2.GaussianBlur(rng.normal(0, 8, (160, 320)).astype(np.float32), (0, 0), 1.5)
+    rgb = np.clip((shading + grain)[..., None] + np.array([20, 0, -20]), 0, 255).astype(np.uint8)
+    hard = np.zeros((160, 320), np.uint8)
+    hard[60:100, 60:260] = 255
+    assert np.count_nonzero(hard) >= LARGE_HOLE_PX
+    source = rgb.copy()
+    source[hard > 0] = (30, 30, 30)  # the text
+    filled = inpaint_classical(source, hard, hard > 0).astype(int)
+    telea = cv2.inpaint(np.ascontiguousarray(source[..., ::-1]), hard, 5, cv2.INPAINT_TELEA)
+    telea = telea[..., ::-1].astype(int)
+    difference = np.abs(filled - telea).max(-1)
+    assert np.array_equal(filled[hard == 0], rgb[hard == 0])
+    assert difference[hard > 0].mean() < 2.0 and difference.max() <= 10
+    edge = (hard > 0) & (cv2.erode(hard, np.ones((5, 5), np.uint8)) == 0)  # 2 px inside
+    assert difference[edge].mean() <= difference[hard > 0].mean()
+    error = np.abs(filled - rgb).max(-1)[hard > 0].mean()
+    assert error <= np.abs(telea - rgb).max(-1)[hard > 0].mean() + 0.5

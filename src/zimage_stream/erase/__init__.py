@@ -58,8 +58,9 @@ def __getattr__(name: str) -> Any:
 #: way of masking or filling are not served once it changes (2: masks that follow strokes;
 #: 3: a second detector view on textured areas; 4: unsure text filled within its box, and
 #: outlines kept through a fill; 5: grain specks left out of text masks, faint text on a
-#: clean background masked by its strokes, the second look kept to what the first filled)
-CLASSICAL_REVISION = "5"
+#: clean background masked by its strokes, the second look kept to what the first filled;
+#: 6: large holes filled at half size inside)
+CLASSICAL_REVISION = "6"
 
 
 def classical_model(ocr_backend: str) -> ModelInfo:

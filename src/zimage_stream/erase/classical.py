@@ -16,6 +16,9 @@ fall into two groups well apart (a product and what is behind it), each hole pix
 given a side (by the straight line that parts the two sides around the hole, where one
 does, else by the known pixel nearest to it) and each side is filled from its own known
 pixels only: the outline runs on through the hole instead of being blurred.
+
+A large hole (a text area filled whole, not just its strokes) is filled at half size and
+only its border at full size: the same figures on the bench in a fraction of the time.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ def inpaint_classical(
     return filled
 
 
+#: a hole this large (px) is filled at half size but for a border this wide (see _telea)
+LARGE_HOLE_PX = 4000
+BORDER_PX = 4
 #: two groups of colours around a hole are the two sides of an edge when their centres
 #: are this far apart (levels, RGB distance) and the smaller holds this share of them
 SIDES_APART = 48.0
@@ -78,7 +84,7 @@ def _fill(bgr: np.ndarray, hole: np.ndarray, radius: int) -> np.ndarray:
     band = (cv2.dilate(hole, kernel) > 0) & ~inside
     sides = _sides(bgr, band, inside)
     if sides is None:
-        return cv2.inpaint(bgr, hole, radius, cv2.INPAINT_TELEA)
+        return _telea(bgr, hole, radius)
     hole_side = _hole_sides(hole, band, sides)
     filled = bgr.copy()
     for side in (1, 2):
@@ -92,9 +98,36 @@ def _fill(bgr: np.ndarray, hole: np.ndarray, radius: int) -> np.ndarray:
         other = ~own & ~inside
         extended = bgr.copy()
         extended[other] = bgr[ys[other], xs[other]]
-        result = cv2.inpaint(extended, hole, radius, cv2.INPAINT_TELEA)
+        result = _telea(extended, hole, radius)
         filled[mine] = result[mine]
     return filled
+
+
+def _telea(bgr: np.ndarray, hole: np.ndarray, radius: int) -> np.ndarray:
+    """Telea's fill of ``hole`` (uint8, 0/255). A hole of ``LARGE_HOLE_PX`` or more (a text
+    area filled whole) is filled at half size, where Telea's result is smooth anyway, and
+    again at full size only within ``BORDER_PX`` of its edge, where it meets the known
+    pixels: Telea's time grows with the hole's pixels, so this takes about a fifth of it."""
+    if np.count_nonzero(hole) < LARGE_HOLE_PX:
+        return cv2.inpaint(bgr, hole, radius, cv2.INPAINT_TELEA)
+    height, width = hole.shape
+    half = ((width + 1) // 2, (height + 1) // 2)
+    even = cv2.copyMakeBorder(bgr, 0, height % 2, 0, width % 2, cv2.BORDER_REPLICATE)
+    padded = cv2.copyMakeBorder(hole, 0, height % 2, 0, width % 2, cv2.BORDER_CONSTANT, value=0)
+    # A half-size pixel is in the hole when any of its four pixels is.
+    small_hole = padded.reshape(half[1], 2, half[0], 2).max(axis=(1, 3))
+    small = cv2.inpaint(
+        cv2.resize(even, half, interpolation=cv2.INTER_AREA),
+        small_hole,
+        max(1, (radius + 1) // 2),
+        cv2.INPAINT_TELEA,
+    )
+    coarse = cv2.resize(small, (2 * half[0], 2 * half[1]), interpolation=cv2.INTER_LINEAR)
+    inner = cv2.erode(hole, np.ones((2 * BORDER_PX + 1, 2 * BORDER_PX + 1), np.uint8)) > 0
+    seeded = bgr.copy()
+    seeded[inner] = coarse[:height, :width][inner]
+    border = np.where(inner, 0, hole).astype(np.uint8)
+    return cv2.inpaint(seeded, border, radius, cv2.INPAINT_TELEA)
 
 
 def _hole_sides(hole: np.ndarray, band: np.ndarray, sides: np.ndarray) -> np.ndarray:
