@@ -18,7 +18,8 @@ does, else by the known pixel nearest to it) and each side is filled from its ow
 pixels only: the outline runs on through the hole instead of being blurred.
 
 A large hole (a text area filled whole, not just its strokes) is filled at half size and
-only its border at full size: the same figures on the bench in a fraction of the time.
+only its border at full size: about the same figures on the bench (README), in a
+fraction of the time.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def _telea(bgr: np.ndarray, hole: np.ndarray, radius: int) -> np.ndarray:
     """Telea's fill of ``hole`` (uint8, 0/255). A hole of ``LARGE_HOLE_PX`` or more (a text
     area filled whole) is filled at half size, where Telea's result is smooth anyway, and
     again at full size only within ``BORDER_PX`` of its edge, where it meets the known
-    pixels: Telea's time grows with the hole's pixels, so this takes about a fifth of it."""
+    pixels. Telea's time grows with the hole's pixels: on a 620x120 px hole this took about
+    a quarter of it, the fill within a level of Telea's at full size on average."""
     if np.count_nonzero(hole) < LARGE_HOLE_PX:
         return cv2.inpaint(bgr, hole, radius, cv2.INPAINT_TELEA)
     height, width = hole.shape

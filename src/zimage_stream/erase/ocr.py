@@ -62,7 +62,7 @@ import unicodedata
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 import cv2
 import numpy as np
@@ -107,8 +107,9 @@ TEXTURE_CELL_PX = 128
 DET_MODEL = "ch_PP-OCRv4_det_infer.onnx"
 #: network inputs of at least this many pixels run on OpenVINO when it is used (see module)
 LARGE_VIEW_PX = 1_000_000
-RUNTIMES = ("auto", "openvino", "onnxruntime")
-PRECISIONS = ("auto", "f32")
+#: the values ZIMAGE_OCR_RUNTIME and ZIMAGE_OCR_PRECISION take (see the module)
+RUNTIMES: tuple[str, ...] = get_args(OcrSettings.model_fields["runtime"].annotation)
+PRECISIONS: tuple[str, ...] = get_args(OcrSettings.model_fields["precision"].annotation)
 #: DB post-processing: pixel threshold, mean box score, and how far a box is grown
 #: (PP-OCR's DB boxes hug the text's core; 2.0 covers whole glyphs and line ends)
 PIXEL_THRESHOLD = 0.3
