@@ -468,6 +468,21 @@ def test_an_outline_crossing_a_hole_runs_on_through_the_fill(angle: float) -> No
     assert (np.abs(telea[..., ::-1].astype(int) - clean).max(-1)[away] > 12).sum() > 50
 
 
+def test_a_line_across_an_edge_onto_a_third_colour_keeps_each_colour() -> None:
+    # A line from a green object across a dark product onto a pale wall: three colours
+    # around the hole, not an outline's two sides and their blend. Filled as two sides,
+    # the green part of the hole took the product's colour (a dark bar the verifier read).
+    clean = np.zeros((120, 200, 3), np.uint8)
+    clean[:, :70], clean[:, 70:140], clean[:, 140:] = (100, 150, 60), (90, 20, 25), (180, 200, 225)
+    hard = np.zeros((120, 200), np.uint8)
+    hard[50:70, 20:180] = 255
+    source = clean.copy()
+    source[hard > 0] = (40, 40, 40)
+    error = np.abs(inpaint_classical(source, hard, hard > 0).astype(int) - clean).max(-1)
+    for x0, x1 in ((20, 60), (80, 130), (150, 180)):  # each colour's part, clear of edges
+        assert error[50:70, x0:x1].max() <= 12, (x0, error[50:70, x0:x1].max())
+
+
 def test_a_hole_on_one_colour_is_filled_as_telea_fills_it() -> None:
     # No edge around the hole (grain on one colour): nothing to keep apart, Telea alone.
     grain = np.random.default_rng(3).normal(0, 10, (100, 100, 1))

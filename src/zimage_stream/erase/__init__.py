@@ -60,7 +60,7 @@ def __getattr__(name: str) -> Any:
 #: outlines kept through a fill; 5: grain specks left out of text masks, faint text on a
 #: clean background masked by its strokes, the second look kept to what the first filled;
 #: 6: large holes filled at half size inside)
-CLASSICAL_REVISION = "6"
+CLASSICAL_REVISION = "7"
 
 
 def classical_model(ocr_backend: str) -> ModelInfo:

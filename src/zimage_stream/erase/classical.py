@@ -15,7 +15,10 @@ product's outline left the outline notched or bulging. So where the colours arou
 fall into two groups well apart (a product and what is behind it), each hole pixel is
 given a side (by the straight line that parts the two sides around the hole, where one
 does, else by the known pixel nearest to it) and each side is filled from its own known
-pixels only: the outline runs on through the hole instead of being blurred.
+pixels only: the outline runs on through the hole instead of being blurred. Where much
+of the band around the hole lies between the two groups, that is a third colour (a line
+from a product's edge on to another object), not an outline's blend: Telea alone then,
+as the third colour's part of the hole took the nearest side's colour.
 
 A large hole (a text area filled whole, not just its strokes) is filled at half size and
 only its border at full size: about the same figures on the bench (README), in a
@@ -75,6 +78,9 @@ LINE_FIT = 0.97
 #: a known pixel this far along from one side's colour to the other's is a blend of both
 BLEND = (0.15, 0.85)
 BLENDED = 3
+#: more of the band than this between the two sides is a third colour, not an outline's
+#: blend: the sides are not two (a line across a product's edge onto a third object)
+MAX_BLENDED_SHARE = 0.2
 
 
 def _fill(bgr: np.ndarray, hole: np.ndarray, radius: int) -> np.ndarray:
@@ -195,6 +201,8 @@ def _sides(bgr: np.ndarray, band: np.ndarray, inside: np.ndarray) -> np.ndarray 
     sides[(along > BLEND[0]) & (along < BLEND[1])] = BLENDED
     share = float((sides[band] == 2).sum() / max(1, (sides[band] != BLENDED).sum()))
     if min(share, 1 - share) < SIDES_MIN_SHARE:
+        return None
+    if float((sides[band] == BLENDED).mean()) > MAX_BLENDED_SHARE:
         return None
     sides[inside] = 0
     return sides

@@ -18,9 +18,11 @@ the text: a group of text pixels is kept only when some of it stands out clearly
 (hysteresis, as in Canny's edges), so grain specks are not filled. Where the separation
 is unsure (too little contrast against the ring's own spread, as for faint text on
 grain, or nothing, or most of the area, standing out) the detector's box is filled
-whole, lengthened at the line's ends and grown by a twentieth of the text height, with
-the same margin and feather as strokes: not the grown area, whose growth is room to
-look in (the box already covers whole glyphs) and, filled, only damaged the picture
+whole, lengthened at the line's ends, narrowed by a tenth of the text height on its
+long sides (a detector's box is taller than its text; only a line's box, at least twice
+as long as high: a glyph's may be tight at the line's end) and grown by a twentieth,
+with the same margin and feather as strokes: not the grown area, whose growth is room
+to look in (the box already covers whole glyphs) and, filled, only damaged the picture
 around the text.
 
 ``hard`` (uint8, 0/255) is what gets inpainted; ``soft`` (float32, 0..1) composites the
@@ -65,8 +67,14 @@ MARGIN_SHARE = 0.06
 MIN_MARGIN_PX = 3
 FEATHER_PX = 3
 #: unsure, the box is filled whole, grown by this share of the text height (not the
-#: area's growth: that is room to look in, and filled it only damaged the picture)
+#: area's growth: that is room to look in, and filled it only damaged the picture) ...
 BOX_GROW_SHARE = 0.05
+#: ... after narrowing it by this share on each long side: a detector box is taller than
+#: its text (DB's boxes are its text's core grown back by a ratio, some of it background).
+#: Only a box this many times longer than high is narrowed: a short one (a glyph or two)
+#: may run across its line as well as along it
+BOX_NARROW_SHARE = 0.1
+BOX_NARROW_ASPECT = 2.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,7 @@ class _Area:
 
     crop: tuple[slice, slice]
     inside: np.ndarray  # uint8 0/255, the crop's size
-    box: np.ndarray  # the lengthened box alone, likewise
+    box: np.ndarray  # the box lengthened and narrowed (what is filled whole), likewise
     height: float
 
     def whole(self) -> np.ndarray:
@@ -135,18 +143,29 @@ def _area(shape: tuple[int, int], box: TextBox) -> _Area | None:
     its feather; None for a box with no area."""
     grow = max(MIN_GROW_PX, round(GROW_SHARE * box.height))
     ring = max(MIN_RING_PX, round(RING_SHARE * box.height))
-    polygon = np.round(_lengthened(box.polygon, LINE_END_SHARE * box.height)).astype(np.int32)
+    lengthened = _resized(box.polygon, LINE_END_SHARE * box.height)
+    polygon = np.round(lengthened).astype(np.int32)
     x, y, w, h = cv2.boundingRect(polygon)
     pad = grow + max(ring, grow) + 2
     y0, x0 = max(0, y - pad), max(0, x - pad)
     y1, x1 = min(shape[0], y + h + pad), min(shape[1], x + w + pad)
     if x1 <= x0 or y1 <= y0:
         return None
+    origin = np.array([x0, y0], np.int32)
     inside = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
-    cv2.fillPoly(inside, [polygon - np.array([x0, y0], np.int32)], 255)
+    cv2.fillPoly(inside, [polygon - origin], 255)
     if not inside.any():
         return None
-    return _Area(np.s_[y0:y1, x0:x1], dilated(inside, grow), inside, box.height)
+    narrowed = np.round(_resized(lengthened, 0.0, -_narrowing(box)))
+    whole = np.zeros_like(inside)
+    cv2.fillPoly(whole, [narrowed.astype(np.int32) - origin], 255)
+    return _Area(np.s_[y0:y1, x0:x1], dilated(inside, grow), whole, box.height)
+
+
+def _narrowing(box: TextBox) -> float:
+    """How much a box filled whole is narrowed on each long side (px)."""
+    line = box.length >= BOX_NARROW_ASPECT * box.height
+    return BOX_NARROW_SHARE * box.height if line else 0.0
 
 
 def _separate(rgb: np.ndarray, area: _Area, occupied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -268,17 +287,23 @@ def dilated(mask: np.ndarray, by: int) -> np.ndarray:
     return cv2.dilate(mask, kernel)
 
 
-def _lengthened(polygon: np.ndarray, by: float) -> np.ndarray:
-    """A four-corner box made ``by`` pixels longer at both ends of its longer axis."""
+def _resized(polygon: np.ndarray, longer: float, wider: float = 0.0) -> np.ndarray:
+    """A four-corner box made ``longer`` pixels longer at both ends of its longer axis and
+    ``wider`` pixels wider on both of its long sides (negative: shorter, narrower; a box
+    is not narrowed past its middle)."""
     corners = polygon.astype(np.float32)
     along, across = corners[1] - corners[0], corners[3] - corners[0]
     if np.linalg.norm(along) < np.linalg.norm(across):
-        along = across
-    length = float(np.linalg.norm(along))
-    if length == 0:
-        return corners
-    ends = np.sign((corners - corners.mean(0)) @ along)[:, None]
-    return corners + ends * (along / length * by)
+        along, across = across, along
+    centre = corners.mean(0)
+    for axis, by in ((along, longer), (across, wider)):
+        size = float(np.linalg.norm(axis))
+        if size == 0 or by == 0:
+            continue
+        sides = np.sign((corners - centre) @ axis)[:, None]
+        by = max(by, -size / 2 + 0.5)  # not past the middle
+        corners = corners + sides * (axis / size * by)
+    return corners
 
 
 def _feathered(hard: np.ndarray, width: int) -> np.ndarray:

@@ -134,9 +134,17 @@ class TextBox:
     @property
     def height(self) -> float:
         """The text's height: the shorter side of the box."""
+        return max(1.0, min(self._sides()))
+
+    @property
+    def length(self) -> float:
+        """The line's length: the longer side of the box."""
+        return max(1.0, max(self._sides()))
+
+    def _sides(self) -> tuple[float, float]:
         p = self.polygon
         sides = [float(np.linalg.norm(p[i] - p[(i + 1) % 4])) for i in range(4)]
-        return max(1.0, min((sides[0] + sides[2]) / 2, (sides[1] + sides[3]) / 2))
+        return (sides[0] + sides[2]) / 2, (sides[1] + sides[3]) / 2
 
     def shifted(self, dx: float, dy: float) -> TextBox:
         return TextBox(self.polygon + np.array([dx, dy], np.float32), self.text, self.confidence)
