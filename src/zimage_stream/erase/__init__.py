@@ -59,7 +59,8 @@ def __getattr__(name: str) -> Any:
 #: 3: a second detector view on textured areas; 4: unsure text filled within its box, and
 #: outlines kept through a fill; 5: grain specks left out of text masks, faint text on a
 #: clean background masked by its strokes, the second look kept to what the first filled;
-#: 6: large holes filled at half size inside)
+#: 6: large holes filled at half size inside; 7: unsure lines' boxes narrowed, a hole
+#: between three colours filled by Telea alone)
 CLASSICAL_REVISION = "7"
 
 
