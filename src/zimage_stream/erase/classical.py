@@ -199,10 +199,11 @@ def _sides(bgr: np.ndarray, band: np.ndarray, inside: np.ndarray) -> np.ndarray 
     along = along.reshape(bgr.shape[:2])
     sides = np.where(along < 0.5, 1, 2).astype(np.int8)
     sides[(along > BLEND[0]) & (along < BLEND[1])] = BLENDED
-    share = float((sides[band] == 2).sum() / max(1, (sides[band] != BLENDED).sum()))
+    around = sides[band]
+    share = float((around == 2).sum() / max(1, (around != BLENDED).sum()))
     if min(share, 1 - share) < SIDES_MIN_SHARE:
         return None
-    if float((sides[band] == BLENDED).mean()) > MAX_BLENDED_SHARE:
+    if float((around == BLENDED).mean()) > MAX_BLENDED_SHARE:
         return None
     sides[inside] = 0
     return sides
