@@ -43,6 +43,7 @@ from zimage_stream.erase.ocr import (
     LARGE_VIEW_PX,
     RapidOcrDetector,
     TextBox,
+    _reads_as_text,
     _textured_area,
 )
 from zimage_stream.erase.sources import MAX_SOURCE_BYTES
@@ -656,6 +657,29 @@ def test_only_textured_areas_get_the_second_view() -> None:
     assert _textured_area(np.asarray(rendered.image)) is None
     height, width = 768, 1024
     assert _textured_area(np.asarray(_grain_and_stripes(0))) == (0, height, 0, width)
+
+
+def _box(length: float, height: float, text: str) -> TextBox:
+    corners = [(0, 0), (length, 0), (length, height), (0, height)]
+    return TextBox(np.array(corners, np.float32), text, 0.9)
+
+
+@pytest.mark.parametrize(
+    ("length", "height", "text", "score", "is_text"),
+    [
+        (400, 140, "", 0.1, True),  # a line of large faint text that reads as nothing
+        (420, 170, "ERT", 0.2, True),  # ... or as a few letters, unsure
+        (230, 140, "包邮", 0.96, True),  # two large glyphs, read clearly
+        (170, 140, "d", 0.82, False),  # a mug and its handle, read as one letter
+        (220, 145, "D", 0.19, False),
+        (230, 140, "热卖", 0.3, False),  # a squarish shape read unsure
+        (60, 30, "", 0.0, True),  # not tall: always kept
+    ],
+)
+def test_a_tall_box_is_text_when_it_is_a_line_or_reads_as_more_than_one_character(
+    length: float, height: float, text: str, score: float, is_text: bool
+) -> None:
+    assert _reads_as_text(_box(length, height, text), score) is is_text
 
 
 class _CountedSession:

@@ -60,8 +60,9 @@ def __getattr__(name: str) -> Any:
 #: outlines kept through a fill; 5: grain specks left out of text masks, faint text on a
 #: clean background masked by its strokes, the second look kept to what the first filled;
 #: 6: large holes filled at half size inside; 7: unsure lines' boxes narrowed, a hole
-#: between three colours filled by Telea alone)
-CLASSICAL_REVISION = "7"
+#: between three colours filled by Telea alone; 8: a tall box kept when it has a line's
+#: shape, read or not)
+CLASSICAL_REVISION = "8"
 
 
 def classical_model(ocr_backend: str) -> ModelInfo:

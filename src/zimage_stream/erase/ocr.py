@@ -115,9 +115,13 @@ PRECISIONS: tuple[str, ...] = get_args(OcrSettings.model_fields["precision"].ann
 PIXEL_THRESHOLD = 0.3
 BOX_THRESHOLD = 0.3
 UNCLIP_RATIO = 2.0
-#: a box at least this tall is text only if it reads with at least this recognition score
-#: (RapidOCR's own default ``text_score``, applied here to these tall boxes alone)
+#: a box at least this tall is text only if it has a line's shape (this many times longer
+#: than high) or reads as at least SHAPE_MIN_CHARS characters with at least this
+#: recognition score (RapidOCR's own default ``text_score``, applied here to these tall
+#: boxes alone)
 SHAPE_MIN_PX = 128
+SHAPE_LINE_ASPECT = 2.0
+SHAPE_MIN_CHARS = 2
 SHAPE_MIN_SCORE = 0.5
 #: the languages a request can name; all of them is the default
 LANGUAGES = ("en", "ch")
@@ -351,9 +355,14 @@ def _openvino(model: Path, precision: str, runtime: str) -> Any:
 
 def _reads_as_text(box: TextBox, score: float) -> bool:
     """Enlarged and sharpened, a plain shape (a product's silhouette) can look like one huge
-    glyph: a box that tall in which nothing reads clearly is not text. (Real text that large
-    reads easily.)"""
-    return box.height < SHAPE_MIN_PX or bool(box.text.strip() and score >= SHAPE_MIN_SCORE)
+    glyph, now and then read as a letter ("D", "C", "d" for a mug and its handle): a box
+    that tall is text when it is a line's (a silhouette's is squarer), or when it reads
+    clearly as more than one character. A line's box stays, read or not: large faint text
+    (translucent, on grain) is found by the detector where the recogniser reads little."""
+    if box.height < SHAPE_MIN_PX or box.length >= SHAPE_LINE_ASPECT * box.height:
+        return True
+    characters = len("".join(box.text.split()))
+    return characters >= SHAPE_MIN_CHARS and score >= SHAPE_MIN_SCORE
 
 
 def _filters(languages: Collection[str]) -> bool:
