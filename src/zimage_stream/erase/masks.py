@@ -131,10 +131,11 @@ def text_mask(rgb: np.ndarray, boxes: list[TextBox], within: np.ndarray | None =
         text, whole = _separate(rgb[area.crop], area, occupied[area.crop])
         if within is not None:
             text, whole = (np.where(within[area.crop], part, 0) for part in (text, whole))
-        least = MIN_BOX_MARGIN_PX if whole.any() else MIN_MARGIN_PX
+        filled_whole = bool(whole.any())
+        least = MIN_BOX_MARGIN_PX if filled_whole else MIN_MARGIN_PX
         margin = max(least, round(MARGIN_SHARE * area.height))
         filled = dilated(np.maximum(text, whole), margin)  # one of them is empty
-        if whole.any():
+        if filled_whole:
             unsure += 1
             wholes[area.crop] |= filled > 0
         hard[area.crop] = np.maximum(hard[area.crop], filled)
