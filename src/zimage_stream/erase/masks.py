@@ -74,10 +74,9 @@ FEATHER_PX = 3
 BOX_GROW_SHARE = 0.05
 #: ... after narrowing it by this share on each long side: a detector box is taller than
 #: its text (DB's boxes are its text's core grown back by a ratio, some of it background).
-#: Only a box this many times longer than high is narrowed: a short one (a glyph or two)
-#: may run across its line as well as along it
+#: Only a line's box (``TextBox.is_line``) is narrowed: a short one (a glyph or two) may
+#: run across its line as well as along it
 BOX_NARROW_SHARE = 0.1
-BOX_NARROW_ASPECT = 2.0
 
 
 @dataclass(frozen=True)
@@ -169,8 +168,7 @@ def _area(shape: tuple[int, int], box: TextBox) -> _Area | None:
 
 def _narrowing(box: TextBox) -> float:
     """How much a box filled whole is narrowed on each long side (px)."""
-    line = box.length >= BOX_NARROW_ASPECT * box.height
-    return BOX_NARROW_SHARE * box.height if line else 0.0
+    return BOX_NARROW_SHARE * box.height if box.is_line else 0.0
 
 
 def _separate(rgb: np.ndarray, area: _Area, occupied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -115,16 +115,17 @@ PRECISIONS: tuple[str, ...] = get_args(OcrSettings.model_fields["precision"].ann
 PIXEL_THRESHOLD = 0.3
 BOX_THRESHOLD = 0.3
 UNCLIP_RATIO = 2.0
-#: a box at least this tall is text only if it has a line's shape (this many times longer
-#: than high) or reads as at least SHAPE_MIN_CHARS characters with at least this
-#: recognition score (RapidOCR's own default ``text_score``, applied here to these tall
-#: boxes alone)
+#: a box at least this tall is text only if it has a line's shape (``TextBox.is_line``)
+#: or reads as at least SHAPE_MIN_CHARS characters with at least this recognition score
+#: (RapidOCR's own default ``text_score``, applied here to these tall boxes alone)
 SHAPE_MIN_PX = 128
-SHAPE_LINE_ASPECT = 2.0
 SHAPE_MIN_CHARS = 2
 SHAPE_MIN_SCORE = 0.5
 #: the languages a request can name; all of them is the default
 LANGUAGES = ("en", "ch")
+#: a box this many times longer than high is a line's (a glyph's or two, or a product's
+#: silhouette, is squarer)
+LINE_ASPECT = 2.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,11 @@ class TextBox:
     def length(self) -> float:
         """The line's length: the longer side of the box."""
         return max(1.0, max(self._sides()))
+
+    @property
+    def is_line(self) -> bool:
+        """Whether the box has a line's shape: at least LINE_ASPECT times longer than high."""
+        return self.length >= LINE_ASPECT * self.height
 
     def _sides(self) -> tuple[float, float]:
         p = self.polygon
@@ -359,7 +365,7 @@ def _reads_as_text(box: TextBox, score: float) -> bool:
     that tall is text when it is a line's (a silhouette's is squarer), or when it reads
     clearly as more than one character. A line's box stays, read or not: large faint text
     (translucent, on grain) is found by the detector where the recogniser reads little."""
-    if box.height < SHAPE_MIN_PX or box.length >= SHAPE_LINE_ASPECT * box.height:
+    if box.height < SHAPE_MIN_PX or box.is_line:
         return True
     characters = len("".join(box.text.split()))
     return characters >= SHAPE_MIN_CHARS and score >= SHAPE_MIN_SCORE
