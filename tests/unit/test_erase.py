@@ -43,8 +43,10 @@ from zimage_stream.erase.ocr import (
     LARGE_VIEW_PX,
     RapidOcrDetector,
     TextBox,
+    _on_texture,
     _reads_as_text,
     _textured_area,
+    _textured_cells,
 )
 from zimage_stream.erase.sources import MAX_SOURCE_BYTES
 from zimage_stream.errors import InferenceTimeoutError, ZImageError
@@ -653,10 +655,23 @@ def test_faint_rotated_text_on_grain_is_found_by_the_texture_view(
 
 def test_only_textured_areas_get_the_second_view() -> None:
     # A plain product scene with crisp text and edges is not textured: it costs one view.
-    rendered = with_text(product_scene(), _texts())
-    assert _textured_area(np.asarray(rendered.image)) is None
+    plain = np.asarray(with_text(product_scene(), _texts()).image)
+    assert _textured_area(_textured_cells(plain), plain.shape) is None
+    grain = np.asarray(_grain_and_stripes(0))
     height, width = 768, 1024
-    assert _textured_area(np.asarray(_grain_and_stripes(0))) == (0, height, 0, width)
+    assert _textured_area(_textured_cells(grain), grain.shape) == (0, height, 0, width)
+
+
+def test_a_box_is_on_texture_where_its_centre_is() -> None:
+    # Grain on the left half, a plain colour on the right: a box's cell is its centre's.
+    half = np.asarray(_grain_and_stripes(0)).copy()
+    half[:, 512:] = (140, 120, 100)
+    cells = _textured_cells(half)
+    left, right = _box(100, 60, ""), _box(100, 60, "").shifted(700, 300)
+    straddling = _box(300, 60, "").shifted(400, 300)  # centre at x = 550: the plain half
+    assert _on_texture(cells, left)
+    assert not _on_texture(cells, right)
+    assert not _on_texture(cells, straddling)
 
 
 def _box(length: float, height: float, text: str) -> TextBox:
@@ -673,13 +688,35 @@ def _box(length: float, height: float, text: str) -> TextBox:
         (170, 140, "d", 0.82, False),  # a mug and its handle, read as one letter
         (220, 145, "D", 0.19, False),
         (230, 140, "热卖", 0.3, False),  # a squarish shape read unsure
-        (60, 30, "", 0.0, True),  # not tall: always kept
+        (150, 140, "品", 0.99, False),  # one ideograph that large: a silhouette's reading
+        (60, 30, "", 0.0, True),  # not large: always kept
     ],
 )
 def test_a_tall_box_is_text_when_it_is_a_line_or_reads_as_more_than_one_character(
     length: float, height: float, text: str, score: float, is_text: bool
 ) -> None:
     assert _reads_as_text(_box(length, height, text), score) is is_text
+    assert _reads_as_text(_box(length, height, text), score, textured=True) is is_text
+
+
+@pytest.mark.parametrize(
+    ("length", "height", "text", "score", "textured", "is_text"),
+    [
+        (150, 100, "D", 0.98, False, False),  # a mug's handle, read clearly as a letter
+        (120, 80, "福", 0.09, False, False),  # ... or unclearly as an ideograph
+        (110, 80, "", 0.0, False, False),  # ... or as nothing
+        (100, 72, "证", 0.97, False, True),  # one large glyph, read clearly
+        (230, 140, "包邮", 0.96, False, True),
+        (220, 110, "", 0.0, True, True),  # faint text on grain, which reads as little
+        (130, 110, "买", 0.05, True, True),
+        (70, 40, "D", 0.98, False, True),  # under GLYPH_MIN_PX: kept
+        (300, 100, "", 0.0, False, True),  # a line's box: kept
+    ],
+)
+def test_a_large_box_off_texture_is_text_when_it_reads_clearly_as_text(
+    length: float, height: float, text: str, score: float, textured: bool, is_text: bool
+) -> None:
+    assert _reads_as_text(_box(length, height, text), score, textured) is is_text
 
 
 class _CountedSession:

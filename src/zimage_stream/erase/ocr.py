@@ -4,7 +4,10 @@
 detector decides what is text: RapidOCR's own pipeline drops boxes whose *recognition*
 score is below ``text_score``, which leaves faint, rotated or stylised text in place.
 Here the detector's probability map is computed on one view of the image that makes
-faint text stand out, and its boxes are all kept; recognition only labels them.
+faint text stand out, and its boxes are kept, recognition only labelling them, but for
+large squarish ones (``_reads_as_text``): enlarged and sharpened, a product's silhouette
+or handle can look like one large glyph, so such a box must read clearly as text, unless
+it lies on grain, where large faint lines read as little.
 
 The view: the image sharpened with an unsharp mask (``SHARPEN_SIGMA``) and enlarged
 (``UPSCALE``, up to a working size of ``DETECT_PX`` on the longer side). The mask's gain
@@ -117,10 +120,13 @@ BOX_THRESHOLD = 0.3
 UNCLIP_RATIO = 2.0
 #: a box at least this tall is text only if it has a line's shape (``TextBox.is_line``)
 #: or reads as at least SHAPE_MIN_CHARS characters with at least this recognition score
-#: (RapidOCR's own default ``text_score``, applied here to these tall boxes alone)
+#: (RapidOCR's own default ``text_score``, applied here to these large boxes alone) ...
 SHAPE_MIN_PX = 128
 SHAPE_MIN_CHARS = 2
 SHAPE_MIN_SCORE = 0.5
+#: ... and one at least this tall, off textured cells, likewise or when it reads as one
+#: CJK ideograph with that score (a mug's handle reads as "D", "C", "O", "福")
+GLYPH_MIN_PX = 48
 #: the languages a request can name; all of them is the default
 LANGUAGES = ("en", "ch")
 #: a box this many times longer than high is a line's (a glyph's or two, or a product's
@@ -265,21 +271,26 @@ class RapidOcrDetector:
         scale = min(UPSCALE, max(1.0, DETECT_PX / max(height, width)))
         size = (round(width * scale), round(height * scale))
         view = _sharpened(rgb)
+        reading = read or filtering
+        textured = _textured_cells(rgb) if texture_view or reading else None
         with self._lock:
             enlarged = cv2.resize(view, size, interpolation=cv2.INTER_CUBIC)
             probability = self._probability(enlarged)
             if texture_view:
-                self._look_closer(rgb, scale, probability)
+                assert textured is not None
+                self._look_closer(rgb, textured, scale, probability)
             polygons, scores = self._postprocess(probability[None, None], (height, width))
             boxes = [
                 TextBox(np.asarray(polygon, np.float32), "", float(score))
                 for polygon, score in zip(polygons, scores, strict=True)
             ]
-            if (read or filtering) and boxes:
+            if reading and boxes:
+                assert textured is not None
                 boxes = [
                     box
                     for box, score in self._read(rgb, boxes)
-                    if _reads_as_text(box, score) and _in_languages(box.text, languages)
+                    if _reads_as_text(box, score, _on_texture(textured, box))
+                    and _in_languages(box.text, languages)
                 ]
         return boxes
 
@@ -296,10 +307,13 @@ class RapidOcrDetector:
                 np.maximum(out, self._infer(tile), out=out)
         return probability
 
-    def _look_closer(self, rgb: np.ndarray, scale: float, probability: np.ndarray) -> None:
-        """Adds the texture view's probability where the image is textured (only there:
-        a plain or gradient background gains nothing from it and costs nothing)."""
-        area = _textured_area(rgb)
+    def _look_closer(
+        self, rgb: np.ndarray, textured: np.ndarray, scale: float, probability: np.ndarray
+    ) -> None:
+        """Adds the texture view's probability where the image is textured (``textured``,
+        its cells; only there: a plain or gradient background gains nothing from it and
+        costs nothing)."""
+        area = _textured_area(textured, rgb.shape[:2])
         if area is None:
             return
         y0, y1, x0, x1 = area
@@ -359,16 +373,24 @@ def _openvino(model: Path, precision: str, runtime: str) -> Any:
         ) from exc
 
 
-def _reads_as_text(box: TextBox, score: float) -> bool:
-    """Enlarged and sharpened, a plain shape (a product's silhouette) can look like one huge
-    glyph, now and then read as a letter ("D", "C", "d" for a mug and its handle): a box
-    that tall is text when it is a line's (a silhouette's is squarer), or when it reads
-    clearly as more than one character. A line's box stays, read or not: large faint text
-    (translucent, on grain) is found by the detector where the recogniser reads little."""
-    if box.height < SHAPE_MIN_PX or box.is_line:
+def _reads_as_text(box: TextBox, score: float, textured: bool = False) -> bool:
+    """Enlarged and sharpened, a plain shape (a product's silhouette, its handle) can look
+    like one large glyph, now and then read as one ("D", "C", "d", "福"). A large box is
+    text when it is a line's (a silhouette's is squarer), or when it reads clearly as more
+    than one character; below SHAPE_MIN_PX also when it reads clearly as one CJK
+    ideograph (a handle reads as a Latin letter or, unclearly, as anything), or when it
+    lies on a textured cell (``textured``: large faint text on grain is found by the
+    detector where the recogniser reads little). A line's box stays, read or not, for the
+    same reason; boxes under GLYPH_MIN_PX stay (single small glyphs are common)."""
+    if box.height < GLYPH_MIN_PX or box.is_line:
         return True
-    characters = len("".join(box.text.split()))
-    return characters >= SHAPE_MIN_CHARS and score >= SHAPE_MIN_SCORE
+    characters = "".join(box.text.split())
+    clear = score >= SHAPE_MIN_SCORE
+    if len(characters) >= SHAPE_MIN_CHARS and clear:
+        return True
+    if box.height >= SHAPE_MIN_PX:
+        return False
+    return textured or (len(characters) == 1 and _script(characters) == "ch" and clear)
 
 
 def _filters(languages: Collection[str]) -> bool:
@@ -408,8 +430,8 @@ def _sharpened(
     return np.clip(pixels + gain[..., None] * detail, 0, 255).astype(np.uint8)
 
 
-def _textured_area(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
-    """The rectangle (y0, y1, x0, x1) around the textured cells of ``rgb``, or None."""
+def _textured_cells(rgb: np.ndarray) -> np.ndarray:
+    """Which cells (TEXTURE_CELL_PX square, row by column; bool) of ``rgb`` are textured."""
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     # At a quarter of the size: the spread is smooth over TEXTURE_SPREAD px anyway.
     small = cv2.resize(gray, None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA)
@@ -423,16 +445,31 @@ def _textured_area(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
         for col in range(cols):
             part = spread[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
             textured[row, col] = np.percentile(part, TEXTURE_QUANTILE) >= TEXTURE_LEVELS
+    return textured
+
+
+def _textured_area(
+    textured: np.ndarray, shape: tuple[int, ...]
+) -> tuple[int, int, int, int] | None:
+    """The rectangle (y0, y1, x0, x1) around the ``textured`` cells of an image of
+    ``shape``, or None."""
     if not textured.any():
         return None
     ys, xs = np.nonzero(textured)
-    height, width = rgb.shape[:2]
+    height, width = shape[:2]
     return (
         int(ys.min()) * TEXTURE_CELL_PX,
         min(height, (int(ys.max()) + 1) * TEXTURE_CELL_PX),
         int(xs.min()) * TEXTURE_CELL_PX,
         min(width, (int(xs.max()) + 1) * TEXTURE_CELL_PX),
     )
+
+
+def _on_texture(textured: np.ndarray, box: TextBox) -> bool:
+    """Whether ``box``'s centre lies in a ``textured`` cell."""
+    x, y = box.polygon.mean(0) // TEXTURE_CELL_PX
+    row, col = min(int(y), textured.shape[0] - 1), min(int(x), textured.shape[1] - 1)
+    return bool(textured[max(0, row), max(0, col)])
 
 
 def _edge_density(rgb: np.ndarray) -> np.ndarray:
