@@ -674,6 +674,22 @@ def test_a_box_is_on_texture_where_its_centre_is() -> None:
     assert not _on_texture(cells, straddling)
 
 
+def test_one_textured_cell_alone_is_not_grain() -> None:
+    # A mug's handle crowds one cell with edges, which then looks textured; grain fills
+    # its neighbours too (at an image's corner, the three cells it has).
+    cells = np.zeros((6, 8), bool)
+    cells[2, 3] = True
+    handle = _box(150, 100, "D").shifted(3 * 128 + 10, 2 * 128 + 10)
+    assert not _on_texture(cells, handle)
+    cells[2, 2] = cells[3, 2] = True  # two textured cells around it: still edges
+    assert not _on_texture(cells, handle)
+    cells[3, 3] = True  # three
+    assert _on_texture(cells, handle)
+    corner = np.zeros((6, 8), bool)
+    corner[:2, :2] = True
+    assert _on_texture(corner, _box(60, 50, ""))
+
+
 def _box(length: float, height: float, text: str) -> TextBox:
     corners = [(0, 0), (length, 0), (length, height), (0, height)]
     return TextBox(np.array(corners, np.float32), text, 0.9)

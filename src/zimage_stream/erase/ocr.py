@@ -124,9 +124,12 @@ UNCLIP_RATIO = 2.0
 SHAPE_MIN_PX = 128
 SHAPE_MIN_CHARS = 2
 SHAPE_MIN_SCORE = 0.5
-#: ... and one at least this tall, off textured cells, likewise or when it reads as one
-#: CJK ideograph with that score (a mug's handle reads as "D", "C", "O", "福")
+#: ... and one at least this tall, off grain (``_on_texture``), likewise or when it reads
+#: as one CJK ideograph with that score (a mug's handle reads as "D", "C", "O", "福")
 GLYPH_MIN_PX = 48
+#: a box is on grain when its centre's cell and at least this many cells around it are
+#: textured (see ``_on_texture``)
+TEXTURED_AROUND = 3
 #: the languages a request can name; all of them is the default
 LANGUAGES = ("en", "ch")
 #: a box this many times longer than high is a line's (a glyph's or two, or a product's
@@ -379,8 +382,8 @@ def _reads_as_text(box: TextBox, score: float, textured: bool = False) -> bool:
     text when it is a line's (a silhouette's is squarer), or when it reads clearly as more
     than one character; below SHAPE_MIN_PX also when it reads clearly as one CJK
     ideograph (a handle reads as a Latin letter or, unclearly, as anything), or when it
-    lies on a textured cell (``textured``: large faint text on grain is found by the
-    detector where the recogniser reads little). A line's box stays, read or not, for the
+    lies on grain (``textured``, see ``_on_texture``: large faint text on grain is found
+    by the detector where the recogniser reads little). A line's box stays, read or not, for the
     same reason; boxes under GLYPH_MIN_PX stay (single small glyphs are common)."""
     if box.height < GLYPH_MIN_PX or box.is_line:
         return True
@@ -466,10 +469,16 @@ def _textured_area(
 
 
 def _on_texture(textured: np.ndarray, box: TextBox) -> bool:
-    """Whether ``box``'s centre lies in a ``textured`` cell."""
+    """Whether ``box``'s centre lies on grain: in a ``textured`` cell with at least
+    TEXTURED_AROUND textured cells around it (a product's handle, or large text, crowds one
+    cell with edges that look like grain, seldom more)."""
     x, y = box.polygon.mean(0) // TEXTURE_CELL_PX
-    row, col = min(int(y), textured.shape[0] - 1), min(int(x), textured.shape[1] - 1)
-    return bool(textured[max(0, row), max(0, col)])
+    row = max(0, min(int(y), textured.shape[0] - 1))
+    col = max(0, min(int(x), textured.shape[1] - 1))
+    if not textured[row, col]:
+        return False
+    around = textured[max(0, row - 1) : row + 2, max(0, col - 1) : col + 2]
+    return int(around.sum()) - 1 >= TEXTURED_AROUND
 
 
 def _edge_density(rgb: np.ndarray) -> np.ndarray:
