@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from tests.support.render import LATIN_FONT, mug_scene, with_text
-from zimage_stream.erase.masks import composite, text_mask
+from zimage_stream.erase.masks import _like_the_text, composite, text_mask
 from zimage_stream.erase.ocr import TextBox
 
 #: how far from a stroke a hugging mask may reach (margin, then the feather)
@@ -222,3 +222,26 @@ def test_text_outside_where_it_may_be_is_left_alone() -> None:
     assert layer.hard.astype(bool)[top].all()
     assert not (layer.soft > 0)[200:].any(), "text outside `within` was masked"
     assert text_mask(image, boxes, np.zeros(top.shape, bool)).empty
+
+
+def test_what_stands_out_past_the_box_in_another_colour_is_not_the_text() -> None:
+    # A white line on a pink mug, its area reaching past the detector's box: a white dash
+    # there is the line's last glyph; the mug's dark handle there is the picture.
+    rgb = np.full((120, 400, 3), (210, 140, 170), np.uint8)
+    core = np.zeros((120, 400), bool)
+    core[40:80, 100:300] = True
+    text = np.zeros((120, 400), bool)
+    for left in range(110, 290, 30):  # the line's glyphs, inside the box
+        text[45:75, left : left + 12] = True
+    text[58:62, 305:325] = True  # a dash just past the box's end
+    text[30:90, 60:75] = True  # the handle, past the box's other end
+    rgb[text] = (250, 250, 250)
+    rgb[30:90, 60:75] = (120, 40, 80)
+    kept = _like_the_text(rgb, text, core, same=32.0)
+    assert kept[45:75, 110:290].sum() == text[45:75, 110:290].sum()  # the line
+    assert kept[58:62, 305:325].all()  # its dash
+    assert not kept[30:90, 60:75].any()  # not the handle
+    # A group that reaches into the box is the text's whatever its colour (an outline).
+    text[30:90, 75:101] = True
+    rgb[30:90, 75:101] = (120, 40, 80)
+    assert _like_the_text(rgb, text, core, same=32.0)[30:90, 60:75].all()

@@ -62,7 +62,8 @@ def __getattr__(name: str) -> Any:
 #: 6: large holes filled at half size inside; 7: unsure lines' boxes narrowed, a hole
 #: between three colours filled by Telea alone; 8: a tall box kept when it has a line's
 #: shape, read or not, and text pixels filled with a margin of at least 4 px; 9: a box
-#: of 48 px or more off grain kept only when it reads clearly as text)
+#: of 48 px or more off grain kept only when it reads clearly as text, and what stands
+#: out past a box in a colour unlike its text's left alone)
 CLASSICAL_REVISION = "9"
 
 

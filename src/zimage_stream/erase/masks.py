@@ -15,7 +15,11 @@ floor) whatever stands out is text, however little of it there is and however fa
 so a box with nothing on it (a product's handle read as a glyph) is left alone. On a
 busy one (grain), a few of the background's own pixels stand out too, scattered around
 the text: a group of text pixels is kept only when some of it stands out clearly
-(hysteresis, as in Canny's edges), so grain specks are not filled. Where the separation
+(hysteresis, as in Canny's edges), so grain specks are not filled. The area reaches
+past the detector's box to take a line's last thin glyph, which has the text's colour:
+a group standing out there wholly outside the box, in a colour unlike the text's inside
+it, is the picture (a product's handle beside a line laid across the product) and is
+left alone (``_like_the_text``). Where the separation
 is unsure (too little contrast against the ring's own spread, as for faint text on
 grain, or nothing, or most of the area, standing out) the detector's box is filled
 whole, lengthened at the line's ends, narrowed by a tenth of the text height on its
@@ -61,6 +65,12 @@ MIN_CONTRAST = 8.0
 #: group of text pixels none of which stands out this much is the background's
 SURE_RATIO = 1.6
 SURE_SHARE = (0.01, 0.6)
+#: text pixels outside the detector's box are the text's only when their group's colour
+#: lies within this many times the threshold (at least SAME_MIN levels) of one of the
+#: TEXT_COLOURS that the text's pixels inside the box cluster into
+SAME_SPREADS = 2.0
+SAME_MIN = 32.0
+TEXT_COLOURS = 2
 #: text pixels are filled with this margin (a share of the text height, at least: at 3 px
 #: the faint anti-aliased edges of two small lines on the bench stayed outside, 98.4 and
 #: 98.6 % of their strokes masked) and feathered by this much; a box filled whole, which
@@ -101,6 +111,7 @@ class _Area:
     inside: np.ndarray  # uint8 0/255, the crop's size
     box: np.ndarray  # the box lengthened and narrowed (what is filled whole), likewise
     height: float
+    core: np.ndarray  # the detector's box as it is, likewise
 
     def whole(self) -> np.ndarray:
         """What is filled when the text cannot be told from its background: the box,
@@ -163,7 +174,9 @@ def _area(shape: tuple[int, int], box: TextBox) -> _Area | None:
     narrowed = np.round(_resized(lengthened, 0.0, -_narrowing(box)))
     whole = np.zeros_like(inside)
     cv2.fillPoly(whole, [narrowed.astype(np.int32) - origin], 255)
-    return _Area(np.s_[y0:y1, x0:x1], dilated(inside, grow), whole, box.height)
+    core = np.zeros_like(inside)
+    cv2.fillPoly(core, [np.round(box.polygon).astype(np.int32) - origin], 255)
+    return _Area(np.s_[y0:y1, x0:x1], dilated(inside, grow), whole, box.height, core)
 
 
 def _narrowing(box: TextBox) -> float:
@@ -192,7 +205,36 @@ def _separate(rgb: np.ndarray, area: _Area, occupied: np.ndarray) -> tuple[np.nd
         if np.median(distance[text]) < SURE_RATIO * threshold:
             return nothing, area.whole()
         text = _with_some_of(text, distance > SURE_RATIO * threshold)
+    text = _like_the_text(rgb, text, area.core > 0, max(SAME_MIN, SAME_SPREADS * threshold))
     return text.astype(np.uint8) * 255, nothing
+
+
+def _like_the_text(rgb: np.ndarray, text: np.ndarray, core: np.ndarray, same: float) -> np.ndarray:
+    """``text`` less its connected groups (8-connected) that lie wholly outside the
+    detector's box (``core``) in a colour unlike the text's inside it: further than
+    ``same`` from both of the colours its pixels there cluster into (a fill and an
+    outline, say). The area reaches past the box to take a line's last thin glyph, which
+    has the text's colour; what else stands out there is the picture (a product's handle
+    beside a line across the product, a speck of grain)."""
+    count, labels = cv2.connectedComponents(text.astype(np.uint8), connectivity=8)
+    inner = text & core
+    if count <= 2 or inner.sum() < MIN_RING_SAMPLE:
+        return text
+    held = np.zeros(count, bool)
+    held[labels[inner]] = True
+    held[0] = True  # not a group: what is not text
+    if held.all():
+        return text
+    colours = colour_groups(rgb[inner].astype(np.float32), TEXT_COLOURS)
+    groups, pixels = labels[text], rgb[text].astype(np.float64)
+    sizes = np.maximum(np.bincount(groups, minlength=count), 1)
+    means = np.stack(
+        [np.bincount(groups, pixels[:, c], minlength=count) / sizes for c in range(3)], 1
+    )
+    apart = np.linalg.norm(means[:, None, :] - colours[None], axis=-1).min(1) > same
+    dropped = ~held & apart
+    kept: np.ndarray = text & ~dropped[labels]
+    return kept
 
 
 def _with_some_of(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
