@@ -19,15 +19,14 @@ the text: a group of text pixels is kept only when some of it stands out clearly
 past the detector's box to take a line's last thin glyph, which has the text's colour:
 a group standing out there wholly outside the box, in a colour unlike the text's inside
 it, is the picture (a product's handle beside a line laid across the product) and is
-left alone (``_like_the_text``). Where the separation
-is unsure (too little contrast against the ring's own spread, as for faint text on
-grain, or nothing, or most of the area, standing out) the detector's box is filled
-whole, lengthened at the line's ends, narrowed by a tenth of the text height on its
-long sides (a detector's box is taller than its text; only a line's box, at least twice
-as long as high: a glyph's may be tight at the line's end) and grown by a twentieth,
-with the same margin and feather as strokes: not the grown area, whose growth is room
-to look in (the box already covers whole glyphs) and, filled, only damaged the picture
-around the text.
+left alone (``_like_the_text``). Where the separation is unsure (too little contrast
+against the ring's own spread, as for faint text on grain, or nothing, or most of the
+area, standing out) the detector's box is filled whole, lengthened at the line's ends,
+narrowed by a tenth of the text height on its long sides (a detector's box is taller
+than its text; only a line's box, at least twice as long as high: a glyph's may be tight
+at the line's end) and grown by a twentieth, with the same margin and feather as
+strokes: not the grown area, whose growth is room to look in (the box already covers
+whole glyphs) and, filled, only damaged the picture around the text.
 
 ``hard`` (uint8, 0/255) is what gets inpainted; ``soft`` (float32, 0..1) composites the
 result back: 1 over the hard mask, falling to exactly 0 a few pixels outside it, so

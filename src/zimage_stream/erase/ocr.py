@@ -383,8 +383,8 @@ def _reads_as_text(box: TextBox, score: float, textured: bool = False) -> bool:
     than one character; below SHAPE_MIN_PX also when it reads clearly as one CJK
     ideograph (a handle reads as a Latin letter or, unclearly, as anything), or when it
     lies on grain (``textured``, see ``_on_texture``: large faint text on grain is found
-    by the detector where the recogniser reads little). A line's box stays, read or not, for the
-    same reason; boxes under GLYPH_MIN_PX stay (single small glyphs are common)."""
+    by the detector where the recogniser reads little). A line's box stays, read or not,
+    for the same reason; boxes under GLYPH_MIN_PX stay (single small glyphs are common)."""
     if box.height < GLYPH_MIN_PX or box.is_line:
         return True
     characters = "".join(box.text.split())
