@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from tests.support.render import LATIN_FONT, mug_scene, with_text
-from zimage_stream.erase.masks import _like_the_text, composite, text_mask
+from zimage_stream.erase.masks import _text_groups, composite, text_mask
 from zimage_stream.erase.ocr import TextBox
 
 #: how far from a stroke a hugging mask may reach (margin, then the feather)
@@ -237,11 +237,37 @@ def test_what_stands_out_past_the_box_in_another_colour_is_not_the_text() -> Non
     text[30:90, 60:75] = True  # the handle, past the box's other end
     rgb[text] = (250, 250, 250)
     rgb[30:90, 60:75] = (120, 40, 80)
-    kept = _like_the_text(rgb, text, core, same=32.0)
+    line = np.zeros((120, 400), bool)
+    line[40:80, 80:320] = True  # the box lengthened at both ends
+    kept = _text_groups(rgb, text, core, line, None, same=32.0)
     assert kept[45:75, 110:290].sum() == text[45:75, 110:290].sum()  # the line
     assert kept[58:62, 305:325].all()  # its dash
     assert not kept[30:90, 60:75].any()  # not the handle
     # A group that reaches into the box is the text's whatever its colour (an outline).
     text[30:90, 75:101] = True
     rgb[30:90, 75:101] = (120, 40, 80)
-    assert _like_the_text(rgb, text, core, same=32.0)[30:90, 60:75].all()
+    assert _text_groups(rgb, text, core, line, None, same=32.0)[30:90, 60:75].all()
+
+
+def test_what_stands_out_only_beside_the_box_or_faintly_on_grain_is_not_the_text() -> None:
+    # Dark grain specks around a dark line on grain: a speck beside the box, in the text's
+    # colour, is the grain's, and so is one in the box none of which stands out clearly.
+    rgb = np.full((120, 400, 3), (200, 120, 150), np.uint8)
+    core = np.zeros((120, 400), bool)
+    core[40:80, 100:300] = True
+    line = np.zeros((120, 400), bool)
+    line[40:80, 80:320] = True
+    text = np.zeros((120, 400), bool)
+    for left in range(110, 290, 30):
+        text[45:75, left : left + 12] = True
+    text[10:16, 150:156] = True  # a speck above the box
+    text[60:64, 125:128] = True  # a faint speck between two glyphs
+    rgb[text] = (90, 20, 50)
+    strong = text.copy()
+    strong[60:64, 125:128] = False
+    kept = _text_groups(rgb, text, core, line, strong, same=32.0)
+    assert kept[45:75, 110:290].sum() == (text[45:75, 110:290].sum() - 12)  # the glyphs
+    assert not kept[10:16, 150:156].any()
+    assert not kept[60:64, 125:128].any()
+    # On a clean background (no hysteresis) the faint speck is the text's.
+    assert _text_groups(rgb, text, core, line, None, same=32.0)[60:64, 125:128].all()

@@ -63,8 +63,9 @@ def __getattr__(name: str) -> Any:
 #: between three colours filled by Telea alone; 8: a tall box kept when it has a line's
 #: shape, read or not, and text pixels filled with a margin of at least 4 px; 9: a box
 #: of 48 px or more off grain kept only when it reads clearly as text, and what stands
-#: out past a box in a colour unlike its text's left alone)
-CLASSICAL_REVISION = "9"
+#: out past a box in a colour unlike its text's left alone; 10: what stands out only
+#: beside a box left alone)
+CLASSICAL_REVISION = "10"
 
 
 def classical_model(ocr_backend: str) -> ModelInfo:

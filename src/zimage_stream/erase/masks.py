@@ -1,32 +1,34 @@
 """Masks over text: what gets inpainted, and the feathered edge that blends it back.
 
-A detector box is a region to look in, not the region to fill. Each box is lengthened
-at both ends of its line (detector boxes often stop short of a thin last glyph: "一",
-"-", ".") and grown by a share of its text height on every side; that *area* holds the
-whole line. Inside it the text's pixels are told from their background
-(``_separate``): the colours just outside the area (its *ring*) are the background,
-clustered, with the mixtures of any two of them (a product's anti-aliased outline, a
-gradient) counted as background too, and a pixel that is further from all of that than
-the ring's own pixels are from it is text. That holds for solid, outlined and
-translucent text alike, and a line laid across a product leaves the product's outline
-alone. The text pixels plus a small margin (anti-aliased and JPEG-blurred stroke edges)
-are filled, feathered by a few pixels. On a clean background (the ring's spread at its
-floor) whatever stands out is text, however little of it there is and however faintly,
-so a box with nothing on it (a product's handle read as a glyph) is left alone. On a
-busy one (grain), a few of the background's own pixels stand out too, scattered around
-the text: a group of text pixels is kept only when some of it stands out clearly
-(hysteresis, as in Canny's edges), so grain specks are not filled. The area reaches
-past the detector's box to take a line's last thin glyph, which has the text's colour:
-a group standing out there wholly outside the box, in a colour unlike the text's inside
-it, is the picture (a product's handle beside a line laid across the product) and is
-left alone (``_like_the_text``). Where the separation is unsure (too little contrast
-against the ring's own spread, as for faint text on grain, or nothing, or most of the
-area, standing out) the detector's box is filled whole, lengthened at the line's ends,
-narrowed by a tenth of the text height on its long sides (a detector's box is taller
-than its text; only a line's box, at least twice as long as high: a glyph's may be tight
-at the line's end) and grown by a twentieth, with the same margin and feather as
-strokes: not the grown area, whose growth is room to look in (the box already covers
-whole glyphs) and, filled, only damaged the picture around the text.
+A detector box is a region to look in, not the region to fill. Each box is lengthened at
+both ends of its line (detector boxes often stop short of a thin last glyph: "一", "-",
+".") and grown by a share of its text height on every side; that *area* holds the whole
+line. Inside it the text's pixels are told from their background (``_separate``): the
+colours just outside the area (its *ring*) are the background, clustered, with the
+mixtures of any two of them (a product's anti-aliased outline, a gradient) counted as
+background too, and a pixel that is further from all of that than the ring's own pixels
+are from it is text. That holds for solid, outlined and translucent text alike, and a
+line laid across a product leaves the product's outline alone. The text pixels plus a
+small margin (anti-aliased and JPEG-blurred stroke edges) are filled, feathered by a few
+pixels. On a clean background (the ring's spread at its floor) whatever stands out is
+text, however little of it there is and however faintly, so a box with nothing on it (a
+product's handle read as a glyph) is left alone. On a busy one (grain), a few of the
+background's own pixels stand out too, scattered around the text: a group of text pixels
+is kept only when some of it stands out clearly (hysteresis, as in Canny's edges), so
+grain specks are not filled. A detector's box covers its glyphs across the line, so a
+group that stands out only beside the box (in the area's growth, not in the box or past
+its ends) is grain or a product's part, and is left alone. The area reaches past the
+detector's box to take a line's last thin glyph, which has the text's colour: a group
+standing out there wholly outside the box, in a colour unlike the text's inside it, is
+the picture (a product's handle beside a line laid across the product) and is left alone
+(``_text_groups``). Where the separation is unsure (too little contrast against the
+ring's own spread, as for faint text on grain, or nothing, or most of the area, standing
+out) the detector's box is filled whole, lengthened at the line's ends, narrowed by a
+tenth of the text height on its long sides (a detector's box is taller than its text;
+only a line's box, at least twice as long as high: a glyph's may be tight at the line's
+end) and grown by a twentieth, with the same margin and feather as strokes: not the
+grown area, whose growth is room to look in (the box already covers whole glyphs) and,
+filled, only damaged the picture around the text.
 
 ``hard`` (uint8, 0/255) is what gets inpainted; ``soft`` (float32, 0..1) composites the
 result back: 1 over the hard mask, falling to exactly 0 a few pixels outside it, so
@@ -111,6 +113,7 @@ class _Area:
     box: np.ndarray  # the box lengthened and narrowed (what is filled whole), likewise
     height: float
     core: np.ndarray  # the detector's box as it is, likewise
+    line: np.ndarray  # the box lengthened, not grown, likewise
 
     def whole(self) -> np.ndarray:
         """What is filled when the text cannot be told from its background: the box,
@@ -175,7 +178,7 @@ def _area(shape: tuple[int, int], box: TextBox) -> _Area | None:
     cv2.fillPoly(whole, [narrowed.astype(np.int32) - origin], 255)
     core = np.zeros_like(inside)
     cv2.fillPoly(core, [np.round(box.polygon).astype(np.int32) - origin], 255)
-    return _Area(np.s_[y0:y1, x0:x1], dilated(inside, grow), whole, box.height, core)
+    return _Area(np.s_[y0:y1, x0:x1], dilated(inside, grow), whole, box.height, core, inside)
 
 
 def _narrowing(box: TextBox) -> float:
@@ -200,50 +203,62 @@ def _separate(rgb: np.ndarray, area: _Area, occupied: np.ndarray) -> tuple[np.nd
         return text.astype(np.uint8) * 255, nothing  # a clean background, little on it
     if not SURE_SHARE[0] <= share <= SURE_SHARE[1]:
         return nothing, area.whole()
-    if not clean:
-        if np.median(distance[text]) < SURE_RATIO * threshold:
-            return nothing, area.whole()
-        text = _with_some_of(text, distance > SURE_RATIO * threshold)
-    text = _like_the_text(rgb, text, area.core > 0, max(SAME_MIN, SAME_SPREADS * threshold))
+    if not clean and np.median(distance[text]) < SURE_RATIO * threshold:
+        return nothing, area.whole()
+    strong = None if clean else distance > SURE_RATIO * threshold
+    same = max(SAME_MIN, SAME_SPREADS * threshold)
+    text = _text_groups(rgb, text, area.core > 0, area.line > 0, strong, same)
     return text.astype(np.uint8) * 255, nothing
 
 
-def _like_the_text(rgb: np.ndarray, text: np.ndarray, core: np.ndarray, same: float) -> np.ndarray:
-    """``text`` less its connected groups (8-connected) that lie wholly outside the
-    detector's box (``core``) in a colour unlike the text's inside it: further than
-    ``same`` from both of the colours its pixels there cluster into (a fill and an
-    outline, say). The area reaches past the box to take a line's last thin glyph, which
-    has the text's colour; what else stands out there is the picture (a product's handle
-    beside a line across the product, a speck of grain)."""
+def _text_groups(
+    rgb: np.ndarray,
+    text: np.ndarray,
+    core: np.ndarray,
+    line: np.ndarray,
+    strong: np.ndarray | None,
+    same: float,
+) -> np.ndarray:
+    """The connected groups (8-connected) of ``text`` that are the text's, labelled once:
+
+    * on a busy background (``strong`` given), only a group that holds a pixel standing
+      out clearly (hysteresis: grain specks stand out a little);
+    * only a group that reaches into ``line``, the box lengthened but not grown: a box
+      covers its glyphs across the line, so what stands out only beside it is grain or a
+      product's part;
+    * a group wholly outside the detector's box (``core``) only when it has the text's
+      colour, within ``same`` of one of the colours the text's pixels inside the box
+      cluster into (a fill and an outline, say): the area reaches past the box to take a
+      line's last thin glyph, which has the text's colour; what else stands out there is
+      the picture (a product's handle beside a line across the product)."""
     count, labels = cv2.connectedComponents(text.astype(np.uint8), connectivity=8)
-    inner = text & core
-    if count <= 2 or inner.sum() < MIN_RING_SAMPLE:
+    if count <= 1:
         return text
-    held = np.zeros(count, bool)
-    held[labels[inner]] = True
-    held[0] = True  # not a group: what is not text
-    if held.all():
-        return text
-    colours = colour_groups(rgb[inner].astype(np.float32), TEXT_COLOURS)
-    groups, pixels = labels[text], rgb[text].astype(np.float64)
-    sizes = np.maximum(np.bincount(groups, minlength=count), 1)
-    means = np.stack(
-        [np.bincount(groups, pixels[:, c], minlength=count) / sizes for c in range(3)], 1
-    )
-    apart = np.linalg.norm(means[:, None, :] - colours[None], axis=-1).min(1) > same
-    dropped = ~held & apart
-    kept: np.ndarray = text & ~dropped[labels]
-    return kept
-
-
-def _with_some_of(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
-    """The connected groups (8-connected) of ``weak`` that hold a pixel of ``strong``."""
-    count, labels = cv2.connectedComponents(weak.astype(np.uint8), connectivity=8)
-    keep = np.zeros(count, bool)
-    keep[labels[weak & strong]] = True
-    keep[0] = False
+    keep = _touching(labels, count, text & line)
+    if strong is not None:
+        keep &= _touching(labels, count, text & strong)
+    held = _touching(labels, count, text & core)
+    inner = text & core & keep[labels]
+    if (keep & ~held).any() and inner.sum() >= MIN_RING_SAMPLE:
+        colours = colour_groups(rgb[inner].astype(np.float32), TEXT_COLOURS)
+        groups, pixels = labels[text], rgb[text].astype(np.float64)
+        sizes = np.maximum(np.bincount(groups, minlength=count), 1)
+        means = np.stack(
+            [np.bincount(groups, pixels[:, c], minlength=count) / sizes for c in range(3)], 1
+        )
+        apart = np.linalg.norm(means[:, None, :] - colours[None], axis=-1).min(1) > same
+        keep &= held | ~apart
     kept: np.ndarray = keep[labels]
     return kept
+
+
+def _touching(labels: np.ndarray, count: int, pixels: np.ndarray) -> np.ndarray:
+    """Which of ``count`` groups (``labels``) hold a pixel of ``pixels``; group 0, the
+    background, never."""
+    touching = np.zeros(count, bool)
+    touching[labels[pixels]] = True
+    touching[0] = False
+    return touching
 
 
 def _colour_distance(
