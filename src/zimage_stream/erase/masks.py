@@ -26,7 +26,7 @@ ring's own spread, as for faint text on grain, or nothing, or most of the area, 
 out) the detector's box is filled whole, lengthened at the line's ends, narrowed by a
 tenth of the text height on its long sides (a detector's box is taller than its text;
 only a line's box, at least twice as long as high: a glyph's may be tight at the line's
-end) and grown by a twentieth, with the same margin and feather as strokes: not the
+end) and grown by a fortieth, with the same margin and feather as strokes: not the
 grown area, whose growth is room to look in (the box already covers whole glyphs) and,
 filled, only damaged the picture around the text.
 
@@ -81,8 +81,10 @@ MIN_MARGIN_PX = 4
 MIN_BOX_MARGIN_PX = 3
 FEATHER_PX = 3
 #: unsure, the box is filled whole, grown by this share of the text height (not the
-#: area's growth: that is room to look in, and filled it only damaged the picture) ...
-BOX_GROW_SHARE = 0.05
+#: area's growth: that is room to look in, and filled it only damaged the picture; a
+#: twentieth changed more of the picture around faint text on grain; not grown at all,
+#: a faint rotated line lost its edge to the bench's 99 % rule) ...
+BOX_GROW_SHARE = 0.025
 #: ... after narrowing it by this share on each long side: a detector box is taller than
 #: its text (DB's boxes are its text's core grown back by a ratio, some of it background).
 #: Only a line's box (``TextBox.is_line``) is narrowed: a short one (a glyph or two) may
