@@ -164,9 +164,17 @@ async def test_the_holder_keeps_its_lock_during_long_work(
 ) -> None:
     # A lock TTL far shorter than the inference: the keeper must extend it meanwhile.
     settings = settings.replace(redis_url=redis_server.url, cache_lock_ttl_s=0.6)
-    request = generate(
-        "long-held", "a wicker basket", width=1024, height=1024, num_images=2, num_inference_steps=8
-    )
+    request = {
+        **generate(
+            "long-held",
+            "a wicker basket",
+            width=1024,
+            height=1024,
+            num_images=2,
+            num_inference_steps=8,
+        ),
+        "timeout_s": 120,  # long work, not a timeout, even on two busy cores
+    }
     redis = Redis.from_url(redis_server.url)
     try:
         async with running_worker(settings) as worker:

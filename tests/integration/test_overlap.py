@@ -49,9 +49,10 @@ async def test_rejections_are_answered_during_a_long_inference(
     settings: Settings, kafka_io: KafkaIO
 ) -> None:
     async with running_worker(settings):
-        await kafka_io.send(
-            generate("long", width=1024, height=1024, num_images=4, num_inference_steps=8)
-        )
+        # A budget well past the default 30 s: the test is about the rejection overtaking
+        # the long inference, and on two busy cores the inference alone can take 30 s.
+        request = generate("long", width=1024, height=1024, num_images=4, num_inference_steps=8)
+        await kafka_io.send({**request, "timeout_s": 120})
         await asyncio.sleep(1.0)  # the batch is on the device now
         await kafka_io.send(generate("bad", width=100))
         results = {r["request_id"]: r for r in await kafka_io.results(2)}
