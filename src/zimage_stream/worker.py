@@ -16,8 +16,8 @@ The stages overlap so the device never waits on I/O:
   result is not acknowledged.
 
 Errors become data at one boundary per path (``_route``, ``Generations.answer``,
-``Erasures.answer``, ``_reject``): every request gets exactly one result event per
-processing attempt.
+``Erasures.answer``, ``Outbox.reject``): every request gets exactly one result event per
+processing attempt, published and its record settled by the ``outbox``.
 """
 
 from __future__ import annotations
@@ -40,20 +40,19 @@ from .dedup import Answer, Dedup
 from .engine import JobResult
 from .engine_process import EngineProcess
 from .erasures import Erasures
-from .errors import InternalError, PoisonRequestError, ZImageError, as_error
+from .errors import ZImageError, as_error
 from .generations import Generations, Pending
 from .logs import request_context
 from .metrics import HttpEndpoint, WorkerMetrics
+from .outbox import Outbox
 from .preflight import check_services
 from .producer import ResultProducer
 from .progress import step_reporter
 from .schemas import (
     FORCE_HEADER,
-    PASSED_HEADERS,
     EraseTextRequest,
     GenerateRequest,
     RequestParseError,
-    ResultEvent,
     parse_request,
 )
 from .settings import Settings
@@ -100,10 +99,19 @@ class Worker:
             attempt_store(settings.cache.redis_url, settings.engine.attempts_file),
             settings.kafka.group_id,
         )
-        self.suspects = Suspects(self.attempts, settings.engine.poison_attempts, self._dead_letter)
         #: counters a test or the bench can read
         self.stats = {"batches": 0, "batch_requests": 0, "results": 0, "dead_letters": 0}
         self.metrics = WorkerMetrics(self)
+        self.outbox = Outbox(
+            self._require_producer,
+            self._require_consumer,
+            lambda: self._engine.model_info,
+            self.metrics,
+            self.stats,
+        )
+        self.suspects = Suspects(
+            self.attempts, settings.engine.poison_attempts, self.outbox.dead_letter
+        )
         image_format = settings.storage.image_format
         self.generations = Generations(
             self._engine, self._storage, self.dedup, self.suspects, image_format
@@ -264,7 +272,7 @@ class Worker:
 
     def _admit(self, delivery: Delivery) -> None:
         if delivery.error is not None:  # a record aiokafka could not decode
-            self._spawn(self._reject(delivery, delivery.error))
+            self._spawn(self.outbox.reject(delivery, delivery.error))
             return
         try:
             request = parse_request(delivery.record.value, self._settings.kafka.max_message_bytes)
@@ -272,7 +280,7 @@ class Worker:
             if isinstance(request, GenerateRequest):
                 caption_tokens = self._check_caption(request)
         except RequestParseError as exc:
-            self._spawn(self._reject(delivery, exc))
+            self._spawn(self.outbox.reject(delivery, exc))
             return
         if isinstance(request, EraseTextRequest):
             self._spawn(self._erase(delivery, request))
@@ -398,10 +406,10 @@ class Worker:
         with bound_contextvars(**_context(pending.delivery, request.request_id, request.task)):
             self.metrics.queue_seconds.observe(max(0.0, started_at - pending.arrived_at))
             result = await self.generations.answer(pending, outcome, started_at)
-            await self._publish(pending.delivery, result)
+            await self.outbox.publish(pending.delivery, result)
 
     async def _publish_answer(self, pending: Pending, answer: Answer) -> None:
-        await self._publish(pending.delivery, self.generations.recalled(pending, answer))
+        await self.outbox.publish(pending.delivery, self.generations.recalled(pending, answer))
 
     # -- text erasure ------------------------------------------------------------------------
 
@@ -412,78 +420,7 @@ class Worker:
             if result is None:
                 return  # stopping: left uncommitted, read again by the next owner
             self.metrics.queue_seconds.observe(result.timings_ms.queued / 1000)
-            await self._publish(delivery, result)
-
-    # -- refusals ----------------------------------------------------------------------------
-
-    async def _dead_letter(self, delivery: Delivery, error: ZImageError) -> None:
-        """The record's original bytes and headers to the DLQ, with why (and, for a poison
-        request, how many times the engine died with it)."""
-        record = delivery.record
-        attempts = error.attempts if isinstance(error, PoisonRequestError) else None
-        if await self._require_producer().dead_letter(
-            record.value,
-            record.key,
-            delivery.source,
-            error.code,
-            error.message,
-            delivery.headers,
-            attempts,
-        ):
-            self.stats["dead_letters"] += 1
-
-    async def _reject(self, delivery: Delivery, exc: RequestParseError) -> None:
-        """Dead-letter a message that is not a valid request, and answer it when possible."""
-        record = delivery.record
-        with bound_contextvars(**_context(delivery, exc.request_id, exc.task)):
-            await self._dead_letter(delivery, exc.error)
-            log.info("request_refused", code=exc.error.code, reason=exc.error.message)
-            result = ResultEvent.build(
-                exc.request_id,
-                exc.task,
-                exc.error,
-                model=self._engine.model_info,
-                arrived_at=record.timestamp / 1000,
-            )
-            await self._publish(delivery, result)
-
-    # -- publishing --------------------------------------------------------------------------
-
-    async def _publish(self, delivery: Delivery, result: ResultEvent) -> None:
-        """Publish the result and settle the record's offset. A result the broker refuses
-        for good (too large, say) is replaced by a small ``internal`` one; if that is
-        refused too, the record is settled without a result (the producer logged and
-        counted it): no record stays in flight for good. Its callers have bound the
-        request's log context."""
-        producer = self._require_producer()
-        headers = [(k, v) for k, v in delivery.headers if k in PASSED_HEADERS]
-        published = await producer.publish_result(result, delivery.record.key, headers)
-        if not published and result.error is None:
-            refused = InternalError("the result could not be published (see the worker's log)")
-            result = ResultEvent.build(
-                result.request_id,
-                result.task,
-                refused,
-                model=result.model or self._engine.model_info,
-                arrived_at=time.time() - result.timings_ms.total / 1000,
-            )
-            published = await producer.publish_result(result, delivery.record.key, headers)
-        self._require_consumer().done(delivery)
-        if published:
-            self.stats["results"] += 1
-            code = result.error.code if result.error is not None else None
-            published_ms = delivery.record.timestamp  # -1: the record has no timestamp
-            latency_s = time.time() - published_ms / 1000 if published_ms >= 0 else None
-            self.metrics.record_result(
-                result.task, result.status, code, result.cache_hit, latency_s
-            )
-            log.info(
-                "request_answered",
-                status=result.status,
-                cache_hit=result.cache_hit,
-                error=code,
-                total_ms=result.timings_ms.total,
-            )
+            await self.outbox.publish(delivery, result)
 
     # -- helpers -----------------------------------------------------------------------------
 

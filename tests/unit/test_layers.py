@@ -45,8 +45,8 @@ FLOORS: list[set[str]] = [
         "preflight",
         "engine_process",
     },
-    # 4. the stages
-    {"erasures", "generations", "worker"},
+    # 4. the stages, and what leaves the worker for a record
+    {"erasures", "generations", "outbox", "worker"},
     # 5. the edges: command line, demo, local services for tests and benchmarks
     {"cli", "demo", "testing", "__main__", "__init__"},
 ]
