@@ -78,17 +78,25 @@ def _grain(seed: int, spread: float = 22.0) -> Image.Image:
     return Image.fromarray(np.clip(140 + grain[..., None] * [1, 1, 1], 0, 255).astype(np.uint8))
 
 
+def _faint_on_grain(
+    seed: int, text: str, at: tuple[int, int], size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Faint grey Latin text half blended onto coarse grain, and its stroke pixels."""
+    scene = _grain(seed)
+    drawn = with_text(scene, [(text, at, LATIN_FONT, size, (110, 110, 110))])
+    image = Image.blend(scene, drawn.image, 0.5)
+    strokes = (np.asarray(image) != np.asarray(scene)).any(-1) & drawn.strokes
+    return np.asarray(image), strokes
+
+
 def test_text_that_cannot_be_told_from_grain_is_filled_with_its_whole_box() -> None:
     # Faint text on coarse grain: the separation is unsure, so the whole box is the mask
     # (every stroke in it), not a scatter of grain pixels; and only the box, not the
     # larger area searched around it nor, across the line, past the box's own long
     # sides: a detector's box is taller than its text (here by a third of it).
-    scene = _grain(1)
-    drawn = with_text(scene, [("Free shipping", (200, 160), LATIN_FONT, 24, (110, 110, 110))])
-    image = Image.blend(scene, drawn.image, 0.5)
-    strokes = (np.asarray(image) != np.asarray(scene)).any(-1) & drawn.strokes
+    image, strokes = _faint_on_grain(1, "Free shipping", (200, 160), 24)
     box = _box_around(strokes, pad=8)
-    layer = text_mask(np.asarray(image), [box])
+    layer = text_mask(image, [box])
     assert layer.unsure == 1 and layer.hard.astype(bool)[strokes].all()
     x0, y0 = box.polygon.min(0).astype(int)
     x1, y1 = box.polygon.max(0).astype(int)
@@ -99,6 +107,21 @@ def test_text_that_cannot_be_told_from_grain_is_filled_with_its_whole_box() -> N
     assert y0 - reach.min() <= 5 and reach.max() - y1 <= 5, "the feather reaches past the box"
     # The mask says which of its pixels were filled whole: here all of them.
     assert layer.whole is not None and np.array_equal(layer.whole, layer.hard > 0)
+
+
+def test_a_large_line_filled_whole_leaves_the_grain_above_and_below_its_text() -> None:
+    # A detector's box around a large line is taller than its text by about a fifth of its
+    # height on each side (DB grows the text's core back); filled whole, the grain there
+    # went with it. A box 100 px or higher is narrowed by more than a smaller line's tenth,
+    # and still covers every stroke.
+    image, strokes = _faint_on_grain(2, "SALE 50%", (60, 120), 80)
+    box = _box_around(strokes, pad=24)
+    assert box.height >= 100 and box.is_line
+    layer = text_mask(image, [box])
+    assert layer.unsure == 1 and layer.hard.astype(bool)[strokes].all()
+    text_rows, rows = np.nonzero(strokes.any(1))[0], np.nonzero(layer.hard.any(1))[0]
+    beyond = max(text_rows.min() - rows.min(), rows.max() - text_rows.max())
+    assert beyond <= 0.15 * box.height, f"filled {beyond} px above or below the text"
 
 
 def test_a_thin_last_glyph_past_the_box_is_still_masked() -> None:
