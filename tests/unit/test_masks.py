@@ -109,7 +109,7 @@ def test_text_that_cannot_be_told_from_grain_is_filled_with_its_whole_box() -> N
     assert layer.whole is not None and np.array_equal(layer.whole, layer.hard > 0)
 
 
-def test_a_large_line_filled_whole_leaves_the_grain_above_and_below_its_text() -> None:
+def test_a_large_line_filled_whole_leaves_the_grain_around_its_text() -> None:
     # A detector's box around a large line is taller than its text by about a fifth of its
     # height on each side (DB grows the text's core back); filled whole, the grain there
     # went with it. A box 100 px or higher is narrowed by more than a smaller line's tenth,
@@ -122,6 +122,20 @@ def test_a_large_line_filled_whole_leaves_the_grain_above_and_below_its_text() -
     text_rows, rows = np.nonzero(strokes.any(1))[0], np.nonzero(layer.hard.any(1))[0]
     beyond = max(text_rows.min() - rows.min(), rows.max() - text_rows.max())
     assert beyond <= 0.15 * box.height, f"filled {beyond} px above or below the text"
+    # Level, it is lengthened at its ends by a quarter of its height, not by a half (the
+    # fill then grows by its margin); turned, by a half: a rotated line's box stops
+    # farther short of its text.
+    x0, x1 = box.polygon[:, 0].min(), box.polygon[:, 0].max()
+    columns = np.nonzero(layer.hard.any(0))[0]
+    past = max(x0 - columns.min(), columns.max() - x1)
+    assert past <= 0.4 * box.height, f"filled {past} px past the box's ends"
+
+
+@pytest.mark.parametrize(
+    ("degrees", "slant"), [(0.0, 0.0), (2.0, 2.0), (-25.0, 25.0), (90.0, 90.0), (180.0, 0.0)]
+)
+def test_a_box_says_how_far_its_line_runs_from_level(degrees: float, slant: float) -> None:
+    assert _box((300, 200), 240, 60, degrees).slant == pytest.approx(slant, abs=1e-3)
 
 
 def test_a_thin_last_glyph_past_the_box_is_still_masked() -> None:

@@ -160,6 +160,15 @@ class TextBox:
         """Whether the box has a line's shape: at least LINE_ASPECT times longer than high."""
         return self.length >= LINE_ASPECT * self.height
 
+    @property
+    def slant(self) -> float:
+        """How far the line runs from level: its longer side's angle to the image's rows
+        (degrees, 0 to 90)."""
+        p = self.polygon
+        along = p[1] - p[0] if self._sides()[0] >= self._sides()[1] else p[2] - p[1]
+        degrees = abs(float(np.degrees(np.arctan2(along[1], along[0])))) % 180
+        return min(degrees, 180 - degrees)
+
     def _sides(self) -> tuple[float, float]:
         p = self.polygon
         sides = [float(np.linalg.norm(p[i] - p[(i + 1) % 4])) for i in range(4)]
