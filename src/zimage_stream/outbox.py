@@ -1,8 +1,9 @@
 """What leaves the worker for a record: its result event, or its dead letter, and then the
 record settled.
 
-Every processing attempt of a record ends here exactly once (``publish``), whatever became
-of the request: a result the broker refuses for good (too large, say) is replaced by a
+A processing attempt of a record ends here once (``publish``), whatever became of the
+request, unless the worker stops first (the record is then left uncommitted and read again
+by the next owner): a result the broker refuses for good (too large, say) is replaced by a
 small ``internal`` one, and if that is refused too the record is settled without a result
 (the producer logged and counted it), so no record stays in flight for good and its
 partition keeps moving. A message that is not a valid request is dead-lettered with its

@@ -131,6 +131,20 @@ def test_a_large_line_filled_whole_leaves_the_grain_around_its_text() -> None:
     assert past <= 0.4 * box.height, f"filled {past} px past the box's ends"
 
 
+def test_a_level_line_filled_whole_is_lengthened_by_a_quarter_of_its_height() -> None:
+    # From 50 px high a level line's box is lengthened past its ends by a quarter of its
+    # height, not a half: its text does not run that far past it.
+    image, strokes = _faint_on_grain(3, "Free shipping", (150, 150), 44)
+    box = _box_around(strokes, pad=12)
+    assert 50 <= box.height < 100 and box.slant == 0
+    layer = text_mask(image, [box])
+    assert layer.unsure == 1 and layer.hard.astype(bool)[strokes].all()
+    x0, x1 = box.polygon[:, 0].min(), box.polygon[:, 0].max()
+    columns = np.nonzero(layer.hard.any(0))[0]
+    past = max(x0 - columns.min(), columns.max() - x1)
+    assert past <= 0.4 * box.height, f"filled {past} px past the box's ends"
+
+
 @pytest.mark.parametrize(
     ("degrees", "slant"), [(0.0, 0.0), (2.0, 2.0), (-25.0, 25.0), (90.0, 90.0), (180.0, 0.0)]
 )

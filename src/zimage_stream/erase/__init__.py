@@ -66,8 +66,9 @@ def __getattr__(name: str) -> Any:
 #: out past a box in a colour unlike its text's left alone; 10: what stands out only
 #: beside a box left alone, boxes filled whole grown by a fortieth of the text height;
 #: 11: a large line's box filled whole narrowed by 0.18 of its height, not a tenth;
-#: 12: and, level, lengthened by a quarter of its height, not a half)
-CLASSICAL_REVISION = "12"
+#: 12: and, level, lengthened by a quarter of its height, not a half; 13: so, too, a level
+#: line's box from 50 px)
+CLASSICAL_REVISION = "13"
 
 
 def classical_model(ocr_backend: str) -> ModelInfo:

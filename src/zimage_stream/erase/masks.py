@@ -26,10 +26,10 @@ ring's own spread, as for faint text on grain, or nothing, or most of the area, 
 out) the detector's box is filled whole, lengthened at the line's ends, narrowed by a
 tenth of the text height on its long sides (a detector's box is taller than its text;
 only a line's box, at least twice as long as high: a glyph's may be tight at the line's
-end; a large line's box, 100 px or higher, by 0.18 of it, and lengthened only by a
-quarter of it when level) and grown by a fortieth, with the same margin and feather as
-strokes: not the grown area, whose growth is room to look in (the box already covers
-whole glyphs) and, filled, only damaged the picture around the text.
+end; a large line's box, 100 px or higher, by 0.18 of it; a level line's, 50 px or
+higher, lengthened only by a quarter of it) and grown by a fortieth, with the same margin
+and feather as strokes: not the grown area, whose growth is room to look in (the box
+already covers whole glyphs) and, filled, only damaged the picture around the text.
 
 ``hard`` (uint8, 0/255) is what gets inpainted; ``soft`` (float32, 0..1) composites the
 result back: 1 over the hard mask, falling to exactly 0 a few pixels outside it, so
@@ -97,11 +97,13 @@ BOX_NARROW_SHARE = 0.1
 #: margin (0.095 of it) stays inside that
 BOX_NARROW_LARGE_SHARE = 0.18
 LARGE_BOX_PX = 100
-#: ... and, when its line runs level (within LEVEL_DEGREES), lengthened by this share of
-#: its height, not LINE_END_SHARE: on the bench a level line's text ran at most 0.11 of
-#: its box's height past the box's ends at that size, while a rotated line's box stops
-#: short of its text farther
-LARGE_LINE_END_SHARE = 0.25
+#: A line's box LEVEL_END_PX or higher filled whole, its line running level (within
+#: LEVEL_DEGREES), is lengthened by this share of its height, not LINE_END_SHARE: on the
+#: bench a level line's text ran at most 0.17 of its box's height past the box's ends at
+#: that size (a smaller line's, up to 0.39: a glyph the box missed), while a rotated
+#: line's box stops short of its text farther
+LEVEL_LINE_END_SHARE = 0.25
+LEVEL_END_PX = 50
 LEVEL_DEGREES = 3.0
 
 
@@ -198,8 +200,8 @@ def _area(shape: tuple[int, int], box: TextBox) -> _Area | None:
 
 def _line_end(box: TextBox) -> float:
     """How much a box filled whole is lengthened at each end of its line (px)."""
-    large = box.is_line and box.height >= LARGE_BOX_PX and box.slant <= LEVEL_DEGREES
-    return (LARGE_LINE_END_SHARE if large else LINE_END_SHARE) * box.height
+    level = box.is_line and box.height >= LEVEL_END_PX and box.slant <= LEVEL_DEGREES
+    return (LEVEL_LINE_END_SHARE if level else LINE_END_SHARE) * box.height
 
 
 def _narrowing(box: TextBox) -> float:
