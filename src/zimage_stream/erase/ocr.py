@@ -164,8 +164,8 @@ class TextBox:
     def slant(self) -> float:
         """How far the line runs from level: its longer side's angle to the image's rows
         (degrees, 0 to 90)."""
-        p = self.polygon
-        along = p[1] - p[0] if self._sides()[0] >= self._sides()[1] else p[2] - p[1]
+        p, (first, second) = self.polygon, self._sides()
+        along = p[1] - p[0] if first >= second else p[2] - p[1]
         degrees = abs(float(np.degrees(np.arctan2(along[1], along[0])))) % 180
         return min(degrees, 180 - degrees)
 
