@@ -89,6 +89,13 @@ def _faint_on_grain(
     return np.asarray(image), strokes
 
 
+def _filled_past_ends(hard: np.ndarray, box: TextBox) -> float:
+    """How far (px) ``hard`` reaches past a level box's left or right end."""
+    x0, x1 = box.polygon[:, 0].min(), box.polygon[:, 0].max()
+    columns = np.nonzero(hard.any(0))[0]
+    return float(max(x0 - columns.min(), columns.max() - x1))
+
+
 def test_text_that_cannot_be_told_from_grain_is_filled_with_its_whole_box() -> None:
     # Faint text on coarse grain: the separation is unsure, so the whole box is the mask
     # (every stroke in it), not a scatter of grain pixels; and only the box, not the
@@ -123,11 +130,8 @@ def test_a_large_line_filled_whole_leaves_the_grain_around_its_text() -> None:
     beyond = max(text_rows.min() - rows.min(), rows.max() - text_rows.max())
     assert beyond <= 0.15 * box.height, f"filled {beyond} px above or below the text"
     # Level, it is lengthened at its ends by a quarter of its height, not by a half (the
-    # fill then grows by its margin); turned, by a half: a rotated line's box stops
-    # farther short of its text.
-    x0, x1 = box.polygon[:, 0].min(), box.polygon[:, 0].max()
-    columns = np.nonzero(layer.hard.any(0))[0]
-    past = max(x0 - columns.min(), columns.max() - x1)
+    # fill then grows by its margin).
+    past = _filled_past_ends(layer.hard, box)
     assert past <= 0.4 * box.height, f"filled {past} px past the box's ends"
 
 
@@ -139,9 +143,7 @@ def test_a_level_line_filled_whole_is_lengthened_by_a_quarter_of_its_height() ->
     assert 50 <= box.height < 100 and box.slant == 0
     layer = text_mask(image, [box])
     assert layer.unsure == 1 and layer.hard.astype(bool)[strokes].all()
-    x0, x1 = box.polygon[:, 0].min(), box.polygon[:, 0].max()
-    columns = np.nonzero(layer.hard.any(0))[0]
-    past = max(x0 - columns.min(), columns.max() - x1)
+    past = _filled_past_ends(layer.hard, box)
     assert past <= 0.4 * box.height, f"filled {past} px past the box's ends"
 
 
