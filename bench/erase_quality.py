@@ -71,7 +71,7 @@ from tqdm import tqdm
 
 from zimage_stream.erase import TextEraser, decode_image
 from zimage_stream.erase.masks import FEATHER_PX
-from zimage_stream.erase.ocr import PRECISIONS, RUNTIMES, RapidOcrDetector
+from zimage_stream.erase.ocr import BOXES_REVISION, PRECISIONS, RUNTIMES, RapidOcrDetector
 
 LATIN = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
 CJK = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
@@ -497,7 +497,10 @@ class _CachedDetector:
             arguments["languages"] = sorted(arguments["languages"])
         compute = lambda: self.detector.detect(rgb, **arguments)  # noqa: E731
         runtime = self.detector.runtime  # bfloat16 boxes are not float32's
-        return self.cache.get("detect", rgb, compute, runtime=runtime, **arguments)
+        revision = BOXES_REVISION  # nor are an older detector's
+        return self.cache.get(
+            "detect", rgb, compute, runtime=runtime, revision=revision, **arguments
+        )
 
 
 def run(

@@ -129,7 +129,8 @@ def test_both_languages_erase_both_lines(eraser: TextEraser) -> None:
 
 
 def test_the_rapidocr_internals_used_here_are_there(detector: RapidOcrDetector) -> None:
-    # erase/ocr.py calls DBPostProcess, RapidOCR.get_crop_img_list and text_rec itself;
+    # erase/ocr.py calls DBPostProcess, RapidOCR.get_crop_img_list and text_rec itself,
+    # erase/line_ends.py the recogniser's resizing, session, input shape and alphabet;
     # pyproject.toml pins the version they were written against, and this says when an
     # upgrade moves them.
     from rapidocr_onnxruntime import RapidOCR
@@ -145,7 +146,11 @@ def test_the_rapidocr_internals_used_here_are_there(detector: RapidOcrDetector) 
     assert made <= set(params(DBPostProcess))
     assert params(DBPostProcess.__call__) == ["self", "pred", "ori_shape"]
     assert params(RapidOCR.get_crop_img_list) == ["self", "img", "dt_boxes"]
-    assert params(RapidOCR().text_rec.__call__)[0] == "img_list"
+    recogniser = RapidOCR().text_rec
+    assert params(recogniser.__call__)[0] == "img_list"
+    assert params(recogniser.resize_norm_img) == ["img", "max_wh_ratio"]
+    assert callable(recogniser.session) and len(recogniser.rec_image_shape) == 3
+    assert recogniser.postprocess_op.character[0] == "blank"  # CTC's blank is label 0
     rendered = with_text(product_scene(512, 256), [("SALE 50% OFF", (40, 80), LATIN_FONT, 40, RED)])
     (box,) = detector.detect(np.asarray(rendered.image))
     assert box.polygon.shape == (4, 2) and "SALE" in box.text
