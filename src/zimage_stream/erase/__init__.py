@@ -67,8 +67,9 @@ def __getattr__(name: str) -> Any:
 #: beside a box left alone, boxes filled whole grown by a fortieth of the text height;
 #: 11: a large line's box filled whole narrowed by 0.18 of its height, not a tenth;
 #: 12: and, level, lengthened by a quarter of its height, not a half; 13: so, too, a level
-#: line's box from 50 px; 14: a box lengthened at an end where its line is read on past it)
-CLASSICAL_REVISION = "14"
+#: line's box from 50 px; 14: a box lengthened at an end where its line is read on past
+#: it; 15: a large line's box filled whole narrowed by a fifth of its height)
+CLASSICAL_REVISION = "15"
 
 
 def classical_model(ocr_backend: str) -> ModelInfo:
