@@ -41,7 +41,7 @@ def lengthened(engine: Any, rgb: np.ndarray, boxes: list[TextBox]) -> list[np.nd
     where ``engine`` (a ``rapidocr_onnxruntime.RapidOCR``) reads a character past it (see
     the module)."""
     polygons = [box.polygon.astype(np.float32) for box in boxes]
-    ends = [(k, end) for k, box in enumerate(boxes) if _along(box) is not None for end in (1, -1)]
+    ends = [(k, end) for k, p in enumerate(polygons) if _axis(p) is not None for end in (1, -1)]
     bgr = np.ascontiguousarray(rgb[..., ::-1])
     for _ in range(ROUNDS):
         reads = []  # (box, end, the crop's polygon)
@@ -65,14 +65,10 @@ def lengthened(engine: Any, rgb: np.ndarray, boxes: list[TextBox]) -> list[np.nd
     return polygons
 
 
-def _along(box: TextBox) -> np.ndarray | None:
+def _axis(polygon: np.ndarray) -> np.ndarray | None:
     """The unit vector along a box's line, from its first corner to its second; None when
     that is not its longer side (a glyph's box standing upright: not read here). A crop
     along it is at least twice as wide as high, so RapidOCR never turns it upright."""
-    return _axis(box.polygon.astype(np.float32))
-
-
-def _axis(polygon: np.ndarray) -> np.ndarray | None:
     along = polygon[1] - polygon[0]
     size = float(np.linalg.norm(along))
     if size == 0 or size < float(np.linalg.norm(polygon[3] - polygon[0])):
@@ -81,24 +77,29 @@ def _axis(polygon: np.ndarray) -> np.ndarray | None:
     return unit
 
 
-def _moved(polygon: np.ndarray, end: int, by: float) -> np.ndarray:
-    """``polygon`` with its two corners at ``end`` (1: along the line, -1: back) moved
-    ``by`` pixels outwards (negative: inwards)."""
+def _shift(polygon: np.ndarray, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which of ``polygon``'s corners are at ``end`` (1: along the line, -1: back), and the
+    unit step that moves them outwards (a corner's share of it: 1 at the end, 0 elsewhere)."""
     unit = _axis(polygon)
     assert unit is not None
     at_end = np.sign((polygon - polygon.mean(0)) @ unit) == end
-    moved: np.ndarray = polygon + at_end[:, None] * unit * (end * by)
+    return at_end, at_end[:, None] * unit * end
+
+
+def _moved(polygon: np.ndarray, end: int, by: float) -> np.ndarray:
+    """``polygon`` with its two corners at ``end`` moved ``by`` pixels outwards (negative:
+    inwards)."""
+    _, step = _shift(polygon, end)
+    moved: np.ndarray = polygon + step * by
     return moved.astype(np.float32)
 
 
 def _past(polygon: np.ndarray, end: int, height: float) -> np.ndarray:
     """The stretch past ``end`` that would be added (a convex polygon)."""
-    unit = _axis(polygon)
-    assert unit is not None
-    at_end = np.sign((polygon - polygon.mean(0)) @ unit) == end
-    farther = _moved(polygon, end, REACH_SHARE * height)
-    corners = np.concatenate([polygon[at_end], farther[at_end]]).astype(np.float32)
-    hull: np.ndarray = cv2.convexHull(corners)
+    at_end, step = _shift(polygon, end)
+    corners = polygon[at_end]
+    farther = corners + step[at_end] * REACH_SHARE * height
+    hull: np.ndarray = cv2.convexHull(np.concatenate([corners, farther]).astype(np.float32))
     return hull
 
 
