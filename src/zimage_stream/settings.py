@@ -197,9 +197,10 @@ class OcrSettings(_Section):
     backend: Literal["rapidocr", "easyocr"] = Field(default="rapidocr", alias="ocr_backend")
     model_dir: Path | None = Field(default=None, alias="ocr_model_dir")
     allow_download: bool = Field(default=False, alias="ocr_allow_download")
-    #: what runs RapidOCR's detector network: OpenVINO for its large views where installed
+    #: what runs RapidOCR's networks: OpenVINO where installed (``auto``), or onnxruntime
     runtime: Literal["auto", "openvino", "onnxruntime"] = Field(default="auto", alias="ocr_runtime")
-    #: OpenVINO's precision: its choice (bfloat16 on CPUs with it natively), or float32
+    #: OpenVINO's precision for the detector: its choice (bfloat16 on CPUs with it
+    #: natively), or float32 (the recogniser runs at float32 either way)
     precision: Literal["auto", "f32"] = Field(default="auto", alias="ocr_precision")
 
 

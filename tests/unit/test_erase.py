@@ -40,7 +40,7 @@ from zimage_stream.erase import (
 from zimage_stream.erase.classical import LARGE_HOLE_PX, inpaint_classical
 from zimage_stream.erase.ocr import (
     LANGUAGES,
-    LARGE_VIEW_PX,
+    READ_WIDTH_STEP,
     RapidOcrDetector,
     TextBox,
     _on_texture,
@@ -759,24 +759,71 @@ def _boxes_agree(a: list[TextBox], b: list[TextBox]) -> bool:
     )
 
 
-def test_openvino_runs_the_large_views_and_finds_what_onnxruntime_finds() -> None:
+def test_openvino_runs_every_view_and_finds_what_onnxruntime_finds() -> None:
     # OpenVINO at float32 computes the same network: the same probability, so the same
-    # boxes; it runs the whole-image view (1792x1344 here), onnxruntime the small ones.
+    # boxes; it runs the whole-image view (1792x1344 here) and the small ones, which it
+    # gets padded to multiples of VIEW_STEP_PX (few shapes: each costs it a preparation).
     rgb = np.asarray(with_text(product_scene(), _texts()).image)
     reference = RapidOcrDetector("onnxruntime")
     exact = RapidOcrDetector("openvino", "f32")
     assert reference.runtime == "onnxruntime"
-    assert exact.runtime.startswith("openvino (f32)")
+    assert exact.runtime == "openvino (f32); reading on openvino (f32)"
     view = cv2.resize(rgb, (1792, 1344), interpolation=cv2.INTER_CUBIC)
     difference = np.abs(exact._probability(view) - reference._probability(view))
     assert difference.max() < 1e-3
-    counted = _CountedSession(exact._session)
-    exact._session = counted  # type: ignore[assignment]
+    counted, shapes = _CountedSession(exact._session), _CountedRequest(exact._openvino)
+    exact._session, exact._openvino = counted, shapes  # type: ignore[assignment]
     assert _boxes_agree(exact.detect(rgb, read=False), reference.detect(rgb, read=False))
-    assert counted.inputs == []  # the one large view went to OpenVINO
     small = rgb[40:200, 40:560]  # a look-again crop: 910x280 px enlarged
     assert _boxes_agree(exact.detect(small, read=False), reference.detect(small, read=False))
-    assert counted.inputs and max(counted.inputs) < LARGE_VIEW_PX
+    assert counted.inputs == []  # onnxruntime ran nothing
+    assert shapes.inputs[0] == (1, 1344, 1792, 3)  # RGB as it is: NHWC
+    assert shapes.inputs[-1] == (1, 384, 1024, 3)  # 280x910 padded
+
+
+def test_reading_on_openvino_reads_what_onnxruntime_reads(detector: RapidOcrDetector) -> None:
+    # The recogniser on OpenVINO (float32 under every precision) reads the boxes' characters
+    # as onnxruntime does, and a batch it runs is padded to a multiple of READ_WIDTH_STEP px,
+    # the columns of that padding left out of what it returns: as many as onnxruntime's.
+    assert detector.runtime.endswith("; reading on openvino (f32)")
+    reference = RapidOcrDetector("onnxruntime")
+    rgb = np.asarray(with_text(product_scene(), _texts()).image)
+    boxes = reference.detect(rgb, read=False)
+    read, expected = detector._read(rgb, boxes), reference._read(rgb, boxes)
+
+    def characters(labelled: list[tuple[TextBox, float]]) -> list[str]:
+        return ["".join(box.text.split()) for box, _ in labelled]
+
+    # The padding is seen (the recogniser mixes the whole width): a space may come or go.
+    assert characters(read) == characters(expected)
+    assert "SALE 50% OFF" in {box.text for box, _ in read}
+    assert np.allclose([s for _, s in read], [s for _, s in expected], atol=0.1)  # a space's
+    reader = detector._engine.text_rec.session
+    counted = _CountedRequest(reader._request)
+    reader._request = counted
+    widths = (47, 330, 335)
+    try:
+        read_columns = [reader(np.zeros((2, 3, 48, w), np.float32))[0].shape for w in widths]
+    finally:
+        reader._request = counted.request
+    assert counted.inputs == [(2, 3, 48, steps * READ_WIDTH_STEP) for steps in (1, 3, 3)]
+    expected_columns = [
+        reference._engine.text_rec.session(np.zeros((2, 3, 48, w), np.float32))[0].shape
+        for w in widths
+    ]
+    assert read_columns == expected_columns and read_columns[2][1] == 42
+
+
+class _CountedRequest:
+    """Delegates to an OpenVINO infer request, keeping the shape of what it runs."""
+
+    def __init__(self, request: Any) -> None:
+        self.request, self.inputs = request, []
+
+    def infer(self, feeds: dict) -> Any:
+        (tensor,) = feeds.values()
+        self.inputs.append(tensor.shape)
+        return self.request.infer(feeds)
 
 
 def test_the_default_precision_finds_the_same_text(detector: RapidOcrDetector) -> None:

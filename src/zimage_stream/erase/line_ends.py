@@ -42,7 +42,7 @@ def lengthened(engine: Any, rgb: np.ndarray, boxes: list[TextBox]) -> list[np.nd
     the module)."""
     polygons = [box.polygon.astype(np.float32) for box in boxes]
     ends = [(k, end) for k, p in enumerate(polygons) if _axis(p) is not None for end in (1, -1)]
-    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     for _ in range(ROUNDS):
         reads = []  # (box, end, the crop's polygon)
         for k, end in ends:

@@ -34,17 +34,21 @@ The edge-weighted gain, the texture view, and PP-OCRv4 over the v5 and v6 detect
 chosen on ``bench/erase_quality.py``'s textured backgrounds; the figures are in the
 README.
 
-**Runtimes.** The detector network runs on OpenVINO where it is installed (a dependency)
-for views of ``LARGE_VIEW_PX`` and more: the whole-image and texture views, which are most
-of the time an erase takes. On this project's 2-core CPU it ran the 1792x1344 view in 0.26
-s against onnxruntime's 0.39 s at float32 (the same probability to 1e-4), 0.13 s at
-bfloat16. OpenVINO prepares kernels for each input shape it has not run yet, which costs
-more than the run itself on small views, so smaller views (the look-again crops, all but
-those around very large text) stay on onnxruntime. ``precision`` ``auto`` takes
-OpenVINO's default for the CPU: bfloat16 on x86 CPUs that compute it natively
-(AVX512_BF16, AMX), float32 on other x86 CPUs; ``f32`` keeps the masks the same on every
-CPU. The bench measured bfloat16 no worse (README). Without a usable OpenVINO, ``auto``
-runs everything on onnxruntime and logs why.
+**Runtimes.** The detector network runs on OpenVINO where it is installed (a dependency),
+every view: on this project's 2-core CPUs it ran the 1792x1344 whole-image view in 0.26 s
+against onnxruntime's 0.39 s at float32 (the same probability to 1e-4), 0.13-0.22 s at
+bfloat16, and look-again crops 2.5-3 times faster than onnxruntime. It takes the view's
+RGB pixels as they are, the network's normalisation built into its model (60 ms less per
+whole-image view than numpy). OpenVINO prepares kernels for each input shape it has not
+run yet (0.08-0.2 s, more than a small view's run), so a view under ``LARGE_VIEW_PX`` (the
+look-again crops, a texture view of part of an image) is padded to multiples of
+``VIEW_STEP_PX``: a few shapes, each prepared once in a worker's life. ``precision``
+``auto`` takes OpenVINO's default for the CPU: bfloat16 on x86 CPUs that compute it
+natively (AVX512_BF16, AMX), float32 on other x86 CPUs; ``f32`` keeps the masks the same
+on every CPU. The bench measured bfloat16 no worse (README). The recogniser runs on
+OpenVINO too, at float32 whatever ``precision`` says (its scores decide which large boxes
+are text and where line ends are read on: ``_OpenVinoReader``). Without a usable OpenVINO,
+``auto`` runs everything on onnxruntime and logs why.
 
 Some of RapidOCR's internals are used (``DBPostProcess`` for boxes from the probability
 map, ``RapidOCR.get_crop_img_list`` for recognition crops, the recogniser's resizing,
@@ -114,8 +118,16 @@ TEXTURE_QUANTILE = 25.0
 TEXTURE_CELL_PX = 128
 #: PP-OCRv4's detector, as shipped in the rapidocr-onnxruntime wheel
 DET_MODEL = "ch_PP-OCRv4_det_infer.onnx"
-#: network inputs of at least this many pixels run on OpenVINO when it is used (see module)
+#: on OpenVINO, a view under LARGE_VIEW_PX pixels is padded to multiples of VIEW_STEP_PX
+#: (see the module); larger ones, to multiples of 32 as the network needs
 LARGE_VIEW_PX = 1_000_000
+VIEW_STEP_PX = 128
+#: PP-OCRv4's recogniser (the same wheel), which OpenVINO runs at float32 where it runs
+#: the detector (``_OpenVinoReader``), its batches padded to a multiple of READ_WIDTH_STEP
+#: px wide
+REC_MODEL = "ch_PP-OCRv4_rec_infer.onnx"
+READ_PRECISION = "f32"
+READ_WIDTH_STEP = 128
 #: the values ZIMAGE_OCR_RUNTIME and ZIMAGE_OCR_PRECISION take (see the module)
 RUNTIMES: tuple[str, ...] = get_args(OcrSettings.model_fields["runtime"].annotation)
 PRECISIONS: tuple[str, ...] = get_args(OcrSettings.model_fields["precision"].annotation)
@@ -137,8 +149,9 @@ GLYPH_MIN_PX = 48
 #: textured (see ``_on_texture``)
 TEXTURED_AROUND = 3
 #: what ``detect`` finds in the same pixels changes with this revision (the bench keeps
-#: the detector's answers under it): 2, line ends read past (``line_ends``)
-BOXES_REVISION = 2
+#: the detector's answers under it): 2, line ends read past (``line_ends``); 3, every
+#: view and the recogniser on OpenVINO where it is used, small views padded
+BOXES_REVISION = 3
 #: the languages a request can name; all of them is the default
 LANGUAGES = ("en", "ch")
 #: a box this many times longer than high is a line's (a glyph's or two, or a product's
@@ -236,9 +249,8 @@ def make_detector(
 
 
 class RapidOcrDetector:
-    """PP-OCRv4 detection (and recognition for labels) on onnxruntime, its large views on
-    OpenVINO where that is installed (``runtime``, ``precision``: see the module);
-    thread-safe."""
+    """PP-OCRv4 detection (and recognition for labels) on OpenVINO where that is installed,
+    else onnxruntime (``runtime``, ``precision``: see the module); thread-safe."""
 
     def __init__(self, runtime: str = "auto", precision: str = "auto") -> None:
         import onnxruntime
@@ -262,12 +274,19 @@ class RapidOcrDetector:
         )
         self._input = self._session.get_inputs()[0].name
         compiled = None if runtime == "onnxruntime" else _openvino(model, precision, runtime)
-        self._large = None if compiled is None else compiled.create_infer_request()
-        #: what runs the detector network, for logs and the bench's cache key
+        self._openvino = None if compiled is None else compiled.create_infer_request()
+        #: what runs the detector and recogniser networks, for logs and the bench's cache key
         self.runtime = "onnxruntime"
         if compiled is not None:
             chosen = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-            self.runtime = f"openvino ({chosen}) for large views, onnxruntime"
+            self.runtime = f"openvino ({chosen})"
+            recogniser = _openvino(model.with_name(REC_MODEL), READ_PRECISION, runtime, False)
+            reading = "onnxruntime"
+            if recogniser is not None:
+                self._engine.text_rec.session = _OpenVinoReader(recogniser)
+                chosen = recogniser.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+                reading = f"openvino ({chosen})"
+            self.runtime += f"; reading on {reading}"
         log.info("ocr_detector_loaded", runtime=self.runtime)
         self._postprocess = DBPostProcess(
             thresh=PIXEL_THRESHOLD,
@@ -357,20 +376,27 @@ class RapidOcrDetector:
         # The network wants sides that are multiples of 32: pad (edge pixels), don't resize.
         pad_h = max(32, -(-height // 32) * 32) - height
         pad_w = max(32, -(-width // 32) * 32) - width
-        padded = cv2.copyMakeBorder(rgb, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
-        # PP-OCR normalisation (mean 0.5, std 0.5) on BGR, in float32.
-        tensor = padded[..., ::-1].astype(np.float32) * (2.0 / 255.0) - 1.0
-        tensor = np.ascontiguousarray(tensor.transpose(2, 0, 1)[None])
-        if self._large is not None and tensor.shape[2] * tensor.shape[3] >= LARGE_VIEW_PX:
-            prediction = self._large.infer({0: tensor})[0]
+        small = (height + pad_h) * (width + pad_w) < LARGE_VIEW_PX
+        if self._openvino is not None and small:  # a few shapes (see the module)
+            pad_h, pad_w = -height % VIEW_STEP_PX, -width % VIEW_STEP_PX
+        padded = rgb
+        if pad_h or pad_w:
+            padded = cv2.copyMakeBorder(rgb, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
+        if self._openvino is not None:
+            # OpenVINO's model takes the RGB pixels as they are (``_openvino``).
+            prediction = self._openvino.infer({0: np.ascontiguousarray(padded)[None]})[0]
         else:
+            # PP-OCR normalisation (mean 0.5, std 0.5) on BGR, NCHW float32: one pass.
+            tensor = cv2.dnn.blobFromImage(
+                padded, scalefactor=2.0 / 255.0, mean=(127.5, 127.5, 127.5), swapRB=True
+            )
             prediction = self._session.run(None, {self._input: tensor})[0]
         return np.asarray(prediction[0, 0, :height, :width], np.float32)
 
     def _read(self, rgb: np.ndarray, boxes: list[TextBox]) -> list[tuple[TextBox, float]]:
         """The boxes labelled with recognised text (confidence stays the detector's), each
         with the recogniser's score."""
-        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         crops = self._engine.get_crop_img_list(bgr, [box.polygon for box in boxes])
         recognised, _ = self._engine.text_rec(crops)
         return [
@@ -379,23 +405,71 @@ class RapidOcrDetector:
         ]
 
 
-def _openvino(model: Path, precision: str, runtime: str) -> Any:
-    """The detector compiled by OpenVINO for the CPU. Where OpenVINO cannot be loaded or
-    cannot compile it: None under ``auto`` (onnxruntime then runs every view, and a warning
-    says why), ``ModelUnavailableError`` under ``openvino``."""
+class _OpenVinoReader:
+    """RapidOCR's recogniser session (``TextRecognizer.session``: a batch of crops in, the
+    characters' probabilities per column out) run by OpenVINO at float32, in under half
+    onnxruntime's time on this project's CPUs. OpenVINO prepares kernels for every input
+    shape it has not run yet (0.06-0.1 s, more than a run), and a batch's width follows
+    its widest crop: it is padded on the right (with what the recogniser pads narrower
+    crops with) to a multiple of READ_WIDTH_STEP, and the columns of the padding are left
+    out of what is returned. On 96 bench images the batches took 13 shapes (a width and a
+    number of crops) in all. The padding is seen: the recogniser mixes the whole width, so
+    a crop's scores move a little with it (as they do with the other crops of its batch),
+    by up to 0.14 on the bench's boxes, one text in 93 read differently; with the same
+    input shape, OpenVINO's probabilities are onnxruntime's within 1e-5."""
+
+    def __init__(self, compiled: Any) -> None:
+        self._request = compiled.create_infer_request()
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        width = batch.shape[3]
+        padding = -width % READ_WIDTH_STEP
+        if padding:
+            batch = np.pad(batch, ((0, 0), (0, 0), (0, 0), (0, padding)))
+        columns = self._request.infer({0: np.ascontiguousarray(batch, np.float32)})[0]
+        return [columns[:, : _read_columns(width)]]
+
+
+def _read_columns(width: int) -> int:
+    """How many columns the recogniser reads from a batch ``width`` px wide (two stride-2
+    stages, each rounding up, then a pooling by 2 that rounds down)."""
+    return (width + 3) // 4 // 2
+
+
+def _openvino(model: Path, precision: str, runtime: str, detector: bool = True) -> Any:
+    """The detector (or, ``detector=False``, the recogniser) compiled by OpenVINO for the
+    CPU. Where OpenVINO cannot be loaded or cannot compile it: None under ``auto``
+    (onnxruntime then runs it, and a warning says why), ``ModelUnavailableError`` under
+    ``openvino``."""
     config = {"PERFORMANCE_HINT": "LATENCY"}
     if precision == "f32":
         config["INFERENCE_PRECISION_HINT"] = "f32"
     try:
         import openvino
+        from openvino.preprocess import ColorFormat, PrePostProcessor
 
-        return openvino.Core().compile_model(str(model), "CPU", config)
+        core = openvino.Core()
+        if not detector:
+            return core.compile_model(str(model), "CPU", config)
+        # The network's input normalisation (BGR, mean 0.5, std 0.5, NCHW float32) done by
+        # OpenVINO: it takes the RGB view as it is, 60 ms less per 1792x1344 view than numpy.
+        steps = PrePostProcessor(core.read_model(str(model)))
+        source = steps.input().tensor().set_element_type(openvino.Type.u8)
+        source.set_layout(openvino.Layout("NHWC")).set_color_format(ColorFormat.RGB)
+        steps.input().model().set_layout(openvino.Layout("NCHW"))
+        convert = steps.input().preprocess().convert_color(ColorFormat.BGR)
+        convert.convert_element_type(openvino.Type.f32).scale(255.0 / 2).mean(1.0)
+        return core.compile_model(steps.build(), "CPU", config)
     except Exception as exc:  # not installed, a broken install, a CPU it cannot use
         if runtime == "auto":
-            log.warning("ocr_openvino_unavailable", reason=repr(exc), using="onnxruntime")
+            network = "detector" if detector else "recogniser"
+            log.warning(
+                "ocr_openvino_unavailable", network=network, reason=repr(exc), using="onnxruntime"
+            )
             return None
         raise ModelUnavailableError(
-            f"ZIMAGE_OCR_RUNTIME=openvino, but OpenVINO cannot run the text detector ({exc});"
+            f"ZIMAGE_OCR_RUNTIME=openvino, but OpenVINO cannot run the text"
+            f" {'detector' if detector else 'recogniser'} ({exc});"
             " pip install openvino, or use auto or onnxruntime"
         ) from exc
 
@@ -452,9 +526,15 @@ def _sharpened(
 ) -> np.ndarray:
     """Unsharp mask whose gain rises where fine edges are dense; colours kept."""
     pixels = rgb.astype(np.float32)
-    detail = pixels - cv2.GaussianBlur(pixels, (0, 0), sigma)
+    # In place, no temporaries the size of the image: pixels + gain * (pixels - blurred),
+    # in float32 (gain is float64: a level's difference at a pixel now and then), 40 -> 33
+    # ms on a 1024x768 image.
+    sharpened = cv2.GaussianBlur(pixels, (0, 0), sigma)
+    np.subtract(pixels, sharpened, out=sharpened)
     gain = base_gain + edge_gain * _edge_density(rgb)
-    return np.clip(pixels + gain[..., None] * detail, 0, 255).astype(np.uint8)
+    np.multiply(sharpened, gain[..., None], out=sharpened)
+    np.add(pixels, sharpened, out=sharpened)
+    return np.clip(sharpened, 0, 255, out=sharpened).astype(np.uint8)
 
 
 def _textured_cells(rgb: np.ndarray) -> np.ndarray:
