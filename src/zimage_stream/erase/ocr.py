@@ -280,7 +280,9 @@ class RapidOcrDetector:
         if compiled is not None:
             chosen = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
             self.runtime = f"openvino ({chosen})"
-            recogniser = _openvino(model.with_name(REC_MODEL), READ_PRECISION, runtime, False)
+            recogniser = _openvino(
+                model.with_name(REC_MODEL), READ_PRECISION, runtime, "recogniser"
+            )
             reading = "onnxruntime"
             if recogniser is not None:
                 self._engine.text_rec.session = _OpenVinoReader(recogniser)
@@ -436,11 +438,10 @@ def _read_columns(width: int) -> int:
     return (width + 3) // 4 // 2
 
 
-def _openvino(model: Path, precision: str, runtime: str, detector: bool = True) -> Any:
-    """The detector (or, ``detector=False``, the recogniser) compiled by OpenVINO for the
-    CPU. Where OpenVINO cannot be loaded or cannot compile it: None under ``auto``
-    (onnxruntime then runs it, and a warning says why), ``ModelUnavailableError`` under
-    ``openvino``."""
+def _openvino(model: Path, precision: str, runtime: str, network: str = "detector") -> Any:
+    """The ``network`` (``detector`` or ``recogniser``) compiled by OpenVINO for the CPU.
+    Where OpenVINO cannot be loaded or cannot compile it: None under ``auto`` (onnxruntime
+    then runs it, and a warning says why), ``ModelUnavailableError`` under ``openvino``."""
     config = {"PERFORMANCE_HINT": "LATENCY"}
     if precision == "f32":
         config["INFERENCE_PRECISION_HINT"] = "f32"
@@ -449,7 +450,7 @@ def _openvino(model: Path, precision: str, runtime: str, detector: bool = True) 
         from openvino.preprocess import ColorFormat, PrePostProcessor
 
         core = openvino.Core()
-        if not detector:
+        if network != "detector":
             return core.compile_model(str(model), "CPU", config)
         # The network's input normalisation (BGR, mean 0.5, std 0.5, NCHW float32) done by
         # OpenVINO: it takes the RGB view as it is, 60 ms less per 1792x1344 view than numpy.
@@ -462,14 +463,12 @@ def _openvino(model: Path, precision: str, runtime: str, detector: bool = True) 
         return core.compile_model(steps.build(), "CPU", config)
     except Exception as exc:  # not installed, a broken install, a CPU it cannot use
         if runtime == "auto":
-            network = "detector" if detector else "recogniser"
             log.warning(
                 "ocr_openvino_unavailable", network=network, reason=repr(exc), using="onnxruntime"
             )
             return None
         raise ModelUnavailableError(
-            f"ZIMAGE_OCR_RUNTIME=openvino, but OpenVINO cannot run the text"
-            f" {'detector' if detector else 'recogniser'} ({exc});"
+            f"ZIMAGE_OCR_RUNTIME=openvino, but OpenVINO cannot run the text {network} ({exc});"
             " pip install openvino, or use auto or onnxruntime"
         ) from exc
 
