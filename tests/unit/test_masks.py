@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from tests.support.render import LATIN_FONT, mug_scene, with_text
-from zimage_stream.erase.masks import _text_groups, composite, text_mask
+from zimage_stream.erase.masks import _dilated_convex, _text_groups, composite, dilated, text_mask
 from zimage_stream.erase.ocr import TextBox
 
 #: how far from a stroke a hugging mask may reach (margin, then the feather)
@@ -324,3 +324,33 @@ def test_what_stands_out_only_beside_the_box_or_faintly_on_grain_is_not_the_text
     assert not kept[60:64, 125:128].any()
     # On a clean background (no hysteresis) the faint speck is the text's.
     assert _text_groups(rgb, text, core, line, None, same=32.0)[60:64, 125:128].all()
+
+
+def test_a_line_read_as_text_that_does_not_stand_out_is_filled_whole() -> None:
+    # Dark yellow text on a yellow backdrop above a product's black shadow: its colour is a
+    # mixture of the two (which an edge between them has too), so nothing stands out of
+    # the ring. A box that reads as text is filled whole all the same; one that reads as
+    # nothing (a product's part boxed) is left alone.
+    yellow = np.array([225, 200, 110], np.float32)
+    rgb = np.broadcast_to(yellow, (240, 640, 3)).copy()
+    rgb[130:150] = 40  # the shadow, below the line
+    scene = Image.fromarray(rgb.astype(np.uint8))
+    dark = (132, 120, 75)  # halfway between the yellow and the shadow
+    drawn = with_text(scene, [("BEST SELLER", (120, 60), LATIN_FONT, 48, dark)])
+    image, box = np.asarray(drawn.image), _box_around(drawn.strokes)
+    read = text_mask(image, [TextBox(box.polygon, "BEST SELLER", 1.0)])
+    assert read.unsure == 1 and read.hard.astype(bool)[drawn.strokes].all()
+    unread = text_mask(image, [box])
+    assert unread.unsure == 0 and unread.hard.astype(bool)[drawn.strokes].mean() < 0.1
+
+
+@pytest.mark.parametrize("degrees", [0.0, 7.0, 33.0, 81.0])
+@pytest.mark.parametrize("by", [1, 4, 13, 40])
+def test_a_box_is_grown_as_a_round_kernel_grows_it(degrees: float, by: int) -> None:
+    # A box's area and its ring are grown a row's run at a time: the same pixels as
+    # OpenCV's dilation, thin boxes and boxes cut off by the crop's edge included.
+    for centre, length, height in [((200, 150), 300, 40), ((30, 20), 220, 3), ((380, 290), 90, 70)]:
+        canvas = np.zeros((300, 400), np.uint8)
+        polygon = np.round(_box(centre, length, height, degrees).polygon).astype(np.int32)
+        cv2.fillPoly(canvas, [polygon], 255)
+        assert np.array_equal(_dilated_convex(canvas, by), dilated(canvas, by))

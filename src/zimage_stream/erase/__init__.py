@@ -55,21 +55,23 @@ def __getattr__(name: str) -> Any:
 
 
 #: the classical erase's own revision: it is in the cache key, so results of an older
-#: way of masking or filling are not served once it changes (2: masks that follow strokes;
-#: 3: a second detector view on textured areas; 4: unsure text filled within its box, and
-#: outlines kept through a fill; 5: grain specks left out of text masks, faint text on a
-#: clean background masked by its strokes, the second look kept to what the first filled;
-#: 6: large holes filled at half size inside; 7: unsure lines' boxes narrowed, a hole
-#: between three colours filled by Telea alone; 8: a tall box kept when it has a line's
-#: shape, read or not, and text pixels filled with a margin of at least 4 px; 9: a box
-#: of 48 px or more off grain kept only when it reads clearly as text, and what stands
-#: out past a box in a colour unlike its text's left alone; 10: what stands out only
-#: beside a box left alone, boxes filled whole grown by a fortieth of the text height;
-#: 11: a large line's box filled whole narrowed by 0.18 of its height, not a tenth;
-#: 12: and, level, lengthened by a quarter of its height, not a half; 13: so, too, a level
-#: line's box from 50 px; 14: a box lengthened at an end where its line is read on past
-#: it; 15: a large line's box filled whole narrowed by a fifth of its height)
-CLASSICAL_REVISION = "15"
+#: way of masking or filling are not served once it changes (2: masks that follow
+#: strokes; 3: a second detector view on textured areas; 4: unsure text filled within
+#: its box, and outlines kept through a fill; 5: grain specks left out of text masks,
+#: faint text on a clean background masked by its strokes, the second look kept to what
+#: the first filled; 6: large holes filled at half size inside; 7: unsure lines' boxes
+#: narrowed, a hole between three colours filled by Telea alone; 8: a tall box kept when
+#: it has a line's shape, read or not, and text pixels filled with a margin of at least
+#: 4 px; 9: a box of 48 px or more off grain kept only when it reads clearly as text,
+#: and what stands out past a box in a colour unlike its text's left alone; 10: what
+#: stands out only beside a box left alone, boxes filled whole grown by a fortieth of
+#: the text height; 11: a large line's box filled whole narrowed by 0.18 of its height,
+#: not a tenth; 12: and, level, lengthened by a quarter of its height, not a half; 13:
+#: so, too, a level line's box from 50 px; 14: a box lengthened at an end where its line
+#: is read on past it; 15: a large line's box filled whole narrowed by a fifth of its
+#: height; 16: a box read as text filled whole when what stands out in it covers under
+#: half of its line)
+CLASSICAL_REVISION = "16"
 
 
 def classical_model(ocr_backend: str) -> ModelInfo:
