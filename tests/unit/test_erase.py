@@ -667,6 +667,32 @@ def test_only_textured_areas_get_the_second_view() -> None:
     assert _textured_area(_textured_cells(grain), grain.shape) == (0, height, 0, width)
 
 
+def test_a_textured_backdrop_costs_one_view(
+    detector: RapidOcrDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Grain across the whole image: the texture view alone, over all of it. A plain scene
+    # with text: the first view alone. Grain on the left quarter: both, the texture view
+    # over the grain only.
+    views: list[tuple[int, ...]] = []
+    probability = RapidOcrDetector._probability
+
+    def counted(self: RapidOcrDetector, view: np.ndarray) -> np.ndarray:
+        views.append(view.shape[:2])
+        return probability(self, view)
+
+    monkeypatch.setattr(RapidOcrDetector, "_probability", counted)
+    grain = np.asarray(_grain_and_stripes(0))
+    plain = np.asarray(with_text(product_scene(), _texts()).image)
+    quarter = grain.copy()
+    quarter[:, 256:] = (140, 120, 100)
+    seen = []
+    for image in (grain, plain, quarter):
+        views.clear()
+        detector.detect(image, read=False)
+        seen.append(list(views))
+    assert seen == [[(1344, 1792)], [(1344, 1792)], [(1344, 1792), (1344, 448)]]
+
+
 def test_a_box_is_on_texture_where_its_centre_is() -> None:
     # Grain on the left half, a plain colour on the right: a box's cell is its centre's.
     half = np.asarray(_grain_and_stripes(0)).copy()
