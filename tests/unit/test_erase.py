@@ -431,6 +431,27 @@ def test_a_second_look_fills_only_around_what_the_first_filled() -> None:
     assert np.array_equal(out[100:270, 370:540], np.asarray(mug)[100:270, 370:540])
 
 
+@pytest.mark.parametrize(("size", "looked_again"), [(36, True), (120, False)])
+def test_only_small_fills_are_looked_at_again(size: int, looked_again: bool) -> None:
+    # Looking again is for leftover strokes at the edge of a small fill; around a large
+    # line (or an area filled whole) it found no text on the bench and cost up to 0.45 s.
+    drawn = with_text(product_scene(), [("SUMMERSALE", (40, 40), LATIN_FONT, size, DARK)])
+    ys, xs = np.nonzero(drawn.strokes)
+    x0, y0, x1, y1 = xs.min() - 4, ys.min() - 4, xs.max() + 4, ys.max() + 4
+    box = TextBox(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32), "", 0.9)
+    crops: list[tuple[int, ...]] = []
+
+    class Looking(_StandInDetector):
+        def detect(self, rgb: np.ndarray, **options: Any) -> list[TextBox]:
+            if options.get("texture_view") is False:
+                crops.append(rgb.shape[:2])
+            return super().detect(rgb, **options)
+
+    result = TextEraser(Looking(line=box)).erase(decode_image(png_bytes(drawn.image)), "classical")
+    assert result.mask.astype(bool)[drawn.strokes].all()
+    assert len(crops) == int(looked_again)
+
+
 def test_erasing_stops_once_its_deadline_passes() -> None:
     eraser = TextEraser(_StandInDetector(delay_s=0.3))
     source = decode_image(png_bytes(product_scene(256, 256)))

@@ -70,8 +70,9 @@ def __getattr__(name: str) -> Any:
 #: so, too, a level line's box from 50 px; 14: a box lengthened at an end where its line
 #: is read on past it; 15: a large line's box filled whole narrowed by a fifth of its
 #: height; 16: a box read as text filled whole when what stands out in it covers under
-#: half of its line)
-CLASSICAL_REVISION = "16"
+#: half of its line; 17: a textured backdrop seen by the detector's texture view alone,
+#: large fills not looked at again)
+CLASSICAL_REVISION = "17"
 
 
 def classical_model(ocr_backend: str) -> ModelInfo:

@@ -31,6 +31,9 @@ MAX_PASSES = 2
 LOOK_AGAIN_MARGIN_PX = 32
 #: what the second look finds is filled only this near what the first filled
 LOOK_AGAIN_REACH_PX = 4
+#: a filled part whose crop (with its context) is larger than this (px) is not looked at
+#: again: it is a large line or an area filled whole (see ``_look_again``)
+LOOK_AGAIN_MAX_PX = 150_000
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,11 @@ class TextEraser:
         Only crops around the mask are searched: text that the first look missed in the
         rest of the image would be missed again, and the crops cost a fraction of it. The
         detector's texture view is left out: on the bench's textured images it found no
-        more here and took a fifth of a second per image.
+        more here and took a fifth of a second per image. So is a crop larger than
+        ``LOOK_AGAIN_MAX_PX``, around a large line or an area filled whole: there the
+        second look erased no more text on the bench (``--seed 1-5``), took up to 0.45 s of
+        an image's time and, filling again along the smooth fill's edges, moved products'
+        outlines.
         """
         height, width = hard.shape
         count, _, stats, _ = cv2.connectedComponentsWithStats(
@@ -187,6 +194,8 @@ class TextEraser:
             x0, y0 = max(0, x - LOOK_AGAIN_MARGIN_PX), max(0, y - LOOK_AGAIN_MARGIN_PX)
             x1 = min(width, x + w + LOOK_AGAIN_MARGIN_PX)
             y1 = min(height, y + h + LOOK_AGAIN_MARGIN_PX)
+            if (x1 - x0) * (y1 - y0) > LOOK_AGAIN_MAX_PX:
+                continue
             found = self._detector.detect(
                 cleaned[y0:y1, x0:x1], read=False, languages=languages, texture_view=False
             )
