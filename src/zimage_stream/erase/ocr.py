@@ -27,8 +27,9 @@ it. Its probability joins the first's (the larger of the two) before boxes are c
 a line found by both is one box. A plain or gradient background costs one view, and so
 does a textured backdrop (``TEXTURED_IMAGE_SHARE`` of the cells or more: grain, wood,
 fabric behind everything), seen by the texture view alone: on the bench's 127 textured
-images the first view found nothing that the texture view did not (the same 4 of 326
-lines not found), and leaving it out took the finding from 0.83 to 0.45 s per image.
+images the first view found no line that the texture view did not (the same 4 of 326
+not found; one more left over, by the verifier's reading of a handle cut in either run),
+and leaving it out took the finding from 0.83 to 0.45 s per image.
 
 Where boxes are read (the first look), a box is lengthened at an end where the recogniser
 reads its line on past it: on grain the probability map stops short of a faint line's
