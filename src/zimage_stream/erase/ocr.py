@@ -324,7 +324,9 @@ class RapidOcrDetector:
         reading = read or filtering
         textured = _textured_cells(rgb) if texture_view or reading else None
         # On a textured backdrop, the texture view alone (see the module).
-        alone = texture_view and _textured_share(textured) >= TEXTURED_IMAGE_SHARE
+        alone = (
+            texture_view and textured is not None and float(textured.mean()) >= TEXTURED_IMAGE_SHARE
+        )
         view = None if alone else _sharpened(rgb)
         with self._lock:
             if view is None:
@@ -589,11 +591,6 @@ def _textured_area(
         int(xs.min()) * TEXTURE_CELL_PX,
         min(width, (int(xs.max()) + 1) * TEXTURE_CELL_PX),
     )
-
-
-def _textured_share(textured: np.ndarray | None) -> float:
-    """The share of an image's cells that are ``textured`` (0 where they were not looked at)."""
-    return 0.0 if textured is None else float(textured.mean())
 
 
 def _on_texture(textured: np.ndarray, box: TextBox) -> bool:
